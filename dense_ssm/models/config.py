@@ -1,0 +1,103 @@
+"""Model configuration: a frozen dataclass, so that it can be a Flax module attribute.
+
+Model code depends only on this file, never on ml_collections: `ModelConfig.from_dict`
+turns the `config.model` ConfigDict of a training config into one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+FAMILIES = ("dense_retnet", "retnet_ffn", "mamba", "transformer")
+
+
+@dataclasses.dataclass(frozen=True)
+class DenseConfig:
+  """Dense hidden connection (SPEC section 2). `layers` is the dense depth m (0 = off)."""
+
+  layers: int = 2  # m: how many shallower layers feed each layer.
+  every: int = 1  # apply the connection only in layers l with l % every == 0
+  projection: str = "identity"  # identity | linear
+  select: str = "mlp"  # mlp | linear | none
+  fusion: str = "add"  # add | concat
+  r_k: int = 32  # bottleneck ratio of the key gate (H -> H / r_k)
+  r_v: int = 32  # bottleneck ratio of the value gate
+  mamba_level: str = "input"  # DenseMamba: input (fuse x and B) | state (readout of h_j)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Every model family reads the fields it needs and ignores the rest."""
+
+  family: str = "dense_retnet"
+  vocab_size: int = 32000
+  num_layers: int = 2
+  hidden_size: int = 256
+  norm_eps: float = 1e-6
+  dropout: float = 0.0
+  tie_embeddings: bool = False
+  init_std: float = 0.02
+  # Retention (dense_retnet / retnet_ffn): qk = total query/key width, E = v_factor * H.
+  qk_dim: int = 128
+  v_factor: int = 2
+  num_heads: int = 2
+  # FFN (retnet_ffn, transformer): ffn_act in swiglu | gelu | relu.
+  ffn_dim: int = 1024
+  ffn_act: str = "swiglu"
+  # Transformer baseline: norm rms | layer, positions rope | learned, use_bias.
+  norm_type: str = "rms"
+  pos_emb: str = "rope"
+  use_bias: bool = False
+  max_len: int = 2048
+  rope_base: float = 10000.0
+  # Mamba.
+  state_dim: int = 16
+  expand: int = 2
+  conv_width: int = 4
+  dt_rank: int = 0  # 0: ceil(H / 16)
+  # Dense connection.
+  dense: DenseConfig = dataclasses.field(default_factory=DenseConfig)
+  # Computation.
+  mode: str = "chunkwise"  # parallel | chunkwise (training-time sequence mixing)
+  impl: str = "auto"  # op implementation: auto | xla | pallas | reference
+  chunk_size: int = 64
+  dtype: str = "float32"  # compute dtype
+  param_dtype: str = "float32"
+  remat: bool = False
+
+  def __post_init__(self):
+    if self.family not in FAMILIES:
+      raise ValueError(f"model.family={self.family!r} is unknown; use one of {FAMILIES}.")
+    if isinstance(self.dense, Mapping):
+      object.__setattr__(self, "dense", DenseConfig(**self.dense))
+
+  @property
+  def v_dim(self) -> int:
+    return self.v_factor * self.hidden_size
+
+  @property
+  def d_inner(self) -> int:
+    return self.expand * self.hidden_size
+
+  @property
+  def resolved_dt_rank(self) -> int:
+    return self.dt_rank or -(-self.hidden_size // 16)
+
+  @classmethod
+  def from_dict(cls, d: Mapping[str, Any]) -> "ModelConfig":
+    """Builds from a (possibly nested) mapping; unknown keys are an error naming the key."""
+    d = dict(d)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+      raise ValueError(f"config.model has unknown key(s) {unknown}; valid keys: {sorted(names)}.")
+    dense = dict(d.pop("dense", {}) or {})
+    dnames = {f.name for f in dataclasses.fields(DenseConfig)}
+    bad = sorted(set(dense) - dnames)
+    if bad:
+      raise ValueError(f"config.model.dense has unknown key(s) {bad}; valid keys: {sorted(dnames)}.")
+    return cls(dense=DenseConfig(**dense), **d)
+
+  def to_dict(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
