@@ -30,15 +30,19 @@ def base_config() -> ml_collections.ConfigDict:
   c.data = ml_collections.ConfigDict()
   c.data.source = "stdlib"  # stdlib | text:GLOB | jsonl:GLOB | tfds:NAME | arrayrecord:GLOB
   c.data.jsonl_field = "text"
+  c.data.tfds_field = "text"
+  c.data.tfds_train_split = "train"
+  c.data.tfds_valid_split = "validation"
   c.data.tokenizer = ""  # path of a SentencePiece .model; "" trains one on the train split
   c.data.tokenizer_vocab_size = 0  # 0: use model.vocab_size
+  c.data.tokenizer_train_chars = 2_000_000  # text sample a new tokenizer is trained on
   c.data.add_bos = True
   c.data.add_eos = False
   c.data.seq_len = 256
   c.data.shuffle_seed = 0
   c.data.valid_fraction = 0.02
   c.data.max_chars = 0  # 0: no cap on the characters read from the source
-  c.data.num_workers = 0
+  c.data.num_workers = 0  # grain mp_prefetch worker processes; 0: tokenize in this process
 
   # Training (dense_ssm/train.py): SPEC section 8 recipe.
   c.train = ml_collections.ConfigDict()
