@@ -1,0 +1,484 @@
+"""Data pipeline: documents -> SentencePiece ids -> packed rows -> batches (grain dataset API).
+
+Sources, `config.data.source`:
+  stdlib            the *.py files of the running interpreter's standard library (~30 MB, no
+                    download; site-packages excluded), one document per file
+  text:GLOB         each matching file is one document
+  jsonl:GLOB        one document per line, the text in field `data.jsonl_field`
+  tfds:NAME         `tfds.data_source(NAME, split=data.tfds_train_split | data.tfds_valid_split)`,
+                    the text in field `data.tfds_field`
+  arrayrecord:GLOB  pre-tokenized: each record is one document given as raw little-endian int32
+                    token ids (`np.asarray(ids, "<i4").tobytes()`), without BOS/EOS;
+                    `write_arrayrecord` makes such files.
+Files are read in sorted path order; `data.max_chars` (0 = all) caps the characters read from
+text sources (stdlib, text, jsonl, and tfds when set). Text is decoded as UTF-8 with
+errors="replace"; `DataStats` counts the files and characters replaced, and the documents
+dropped for being empty or whitespace only.
+
+Train/validation split (tfds uses its own splits): a document is validation iff
+u(key) < data.valid_fraction, u = splitmix64(md5(relative path) + index) / 2^64, index = line
+(jsonl), record (arrayrecord) or 0 (a file). If that leaves validation empty while
+valid_fraction > 0, the document with the smallest u is moved to it.
+
+Packing (grain ConcatThenSplit): each document becomes [BOS] ids [EOS] (data.add_bos/add_eos);
+documents are concatenated and cut into rows of seq_len + 1 tokens. A document longer than the
+space left is split; its continuation opens the next row as a new segment whose positions
+restart at 0. Per row (t < seq_len):
+  inputs = row[:-1], targets = row[1:], segment_ids[t] = seg[t] (1, 2, ... per document in the
+  row, 0 = padding), positions[t] = position of token t in its document piece,
+  weights[t] = 1 iff seg[t] != 0 and seg[t + 1] == seg[t]
+so padding and targets that cross into the next document (its BOS) have weight 0.
+Train rows never pad; the last validation row may.
+
+Train batches come from `make_train_iterator`: documents are split per host (every
+process_count-th document), shuffled with the seed (a new order each epoch), repeated forever,
+tokenized lazily, packed and batched to [batch_size / process_count, seq_len]. Its
+`get_state()` is a JSON-serialisable dict (store it with Orbax `JsonSave`); `set_state` resumes
+the exact batch order. `make_eval_batches` returns a fixed list of batches, the same count on
+every host.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import hashlib
+import itertools
+import json
+import math
+import os
+import sysconfig
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from dense_ssm.tokenizer import BOS_ID, EOS_ID, Tokenizer, train_tokenizer
+
+Batch = dict[str, np.ndarray]
+SCHEMES = ("text", "jsonl", "tfds", "arrayrecord")
+TOKENIZER_FILE = "tokenizer.model"
+FEATURES = ("inputs", "targets", "segment_ids", "positions", "weights")
+
+
+@dataclasses.dataclass
+class DataStats:
+  """What reading one split found; `replaced_*` count invalid UTF-8 (eager text sources)."""
+
+  source: str
+  split: str
+  num_documents: int = 0
+  num_chars: int = 0  # -1: unknown (lazy or pre-tokenized source)
+  empty_documents: int = 0
+  replaced_files: int = 0
+  replaced_chars: int = 0
+
+
+@dataclasses.dataclass
+class Documents:
+  """One split: `items` is a random-access sequence of str (or int32 id arrays if pretokenized)."""
+
+  items: Sequence[Any]
+  pretokenized: bool
+  stats: DataStats
+
+
+# ------------------------------------------------------------------------------------- sources
+
+
+def _parse_source(source: str) -> tuple[str, str]:
+  if source == "stdlib":
+    return "stdlib", ""
+  scheme, sep, arg = source.partition(":")
+  if scheme not in SCHEMES or not sep or not arg:
+    raise ValueError(f"data.source={source!r} is unknown; use stdlib, text:GLOB, jsonl:GLOB, "
+                     "tfds:NAME or arrayrecord:GLOB")
+  return scheme, arg
+
+
+def _glob(pattern: str, source: str) -> list[tuple[str, str]]:
+  """Sorted (path, path relative to the glob's fixed prefix) of the files `pattern` matches."""
+  pattern = os.path.expanduser(pattern)
+  paths = sorted(p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p))
+  if not paths:
+    raise FileNotFoundError(f"data.source={source!r} matches no files; fix the path or glob")
+  parts = pattern.split(os.sep)
+  fixed = list(itertools.takewhile(lambda s: not glob.has_magic(s), parts))
+  root = os.sep.join(fixed) if len(fixed) < len(parts) else os.path.dirname(pattern)
+  return [(p, os.path.relpath(p, root or ".")) for p in paths]
+
+
+def _stdlib_files() -> list[tuple[str, str]]:
+  root = sysconfig.get_paths()["stdlib"]
+  out = []
+  for d, subdirs, files in os.walk(root):
+    subdirs[:] = [s for s in subdirs if s not in ("site-packages", "dist-packages", "__pycache__")]
+    out += [(os.path.join(d, f), os.path.relpath(os.path.join(d, f), root))
+            for f in files if f.endswith(".py")]
+  return sorted(out, key=lambda x: x[1])
+
+
+def _decode(data: bytes) -> tuple[str, int]:
+  """UTF-8 text and how many invalid byte runs became U+FFFD."""
+  try:
+    return data.decode("utf-8"), 0
+  except UnicodeDecodeError:
+    text = data.decode("utf-8", errors="replace")
+    return text, text.count("\ufffd") - data.count("\ufffd".encode())
+
+
+def _unit_hash(key: str, index: np.ndarray) -> np.ndarray:
+  """splitmix64(md5(key) + index) mapped to [0, 1), vectorised over `index`."""
+  z = np.full(index.shape, int.from_bytes(hashlib.md5(key.encode()).digest()[:8], "little"),
+              dtype=np.uint64)
+  z += index.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)
+  z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+  z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+  z ^= z >> np.uint64(31)
+  return (z >> np.uint64(11)).astype(np.float64) / float(2**53)
+
+
+def _split_mask(u: np.ndarray, valid_fraction: float, split: str) -> np.ndarray:
+  valid = u < valid_fraction
+  if valid_fraction > 0 and not valid.any() and len(u) > 1:
+    valid[np.argmin(u)] = True
+  return valid if split == "valid" else ~valid
+
+
+def _read_text_docs(scheme: str, arg: str, d, split: str) -> Documents:
+  """Eager: reads stdlib / text / jsonl documents (capped by max_chars) and keeps `split`."""
+  files = _stdlib_files() if scheme == "stdlib" else _glob(arg, d.source)
+  stats = DataStats(source=d.source, split=split)
+  texts, hashes, budget = [], [], d.max_chars or math.inf
+  for path, rel in files:
+    with open(path, "rb") as f:
+      text, replaced = _decode(f.read())
+    stats.replaced_files += replaced > 0
+    stats.replaced_chars += replaced
+    if scheme == "jsonl":
+      docs = [_jsonl_text(line, path, i, d.jsonl_field) for i, line in enumerate(text.split("\n"))]
+      idx = [i for i, doc in enumerate(docs) if doc is not None]
+      docs = [docs[i] for i in idx]
+    else:
+      docs, idx = [text], [0]
+    u = _unit_hash(rel, np.asarray(idx, np.int64))
+    for doc, ui in zip(docs, u):
+      doc = doc[:budget] if budget < len(doc) else doc
+      budget -= len(doc)
+      texts.append(doc)
+      hashes.append(ui)
+      if budget <= 0:
+        break
+    if budget <= 0:
+      break
+  keep = _split_mask(np.asarray(hashes), d.valid_fraction, split)
+  items = [t for t, k in zip(texts, keep) if k]
+  stats.empty_documents = sum(not t.strip() for t in items)
+  items = [t for t in items if t.strip()]
+  stats.num_documents, stats.num_chars = len(items), sum(map(len, items))
+  if not any(t.strip() for t in texts):
+    raise ValueError(f"data.source={d.source!r} has no non-empty documents; point it at real text")
+  if not items:
+    raise ValueError(f"data.source={d.source!r} has no non-empty {split} documents; add documents "
+                     "or change data.valid_fraction")
+  return Documents(items, pretokenized=False, stats=stats)
+
+
+def _jsonl_text(line: str, path: str, index: int, field: str) -> str | None:
+  if not line.strip():
+    return None
+  try:
+    record = json.loads(line)
+  except json.JSONDecodeError as e:
+    raise ValueError(f"{path}:{index + 1}: invalid JSON ({e.msg}); each line must be one JSON "
+                     "object") from None
+  if not isinstance(record, dict) or not isinstance(record.get(field), str):
+    raise ValueError(f"{path}:{index + 1}: no string field {field!r}; set data.jsonl_field to "
+                     "the text field")
+  return record[field]
+
+
+class _LazyItems(Sequence):
+  """items[i] = fn(base[indices[i]]), read on access."""
+
+  def __init__(self, base, indices: np.ndarray, fn: Callable[[Any], Any]):
+    self._base, self._indices, self._fn = base, indices, fn
+
+  def __len__(self):
+    return len(self._indices)
+
+  def __getitem__(self, i):
+    return self._fn(self._base[int(self._indices[i])])
+
+
+def _tfds_text(example, field: str) -> str:
+  value = example[field]
+  return value.decode("utf-8", errors="replace") if isinstance(value, bytes) else str(value)
+
+
+def _read_tfds(name: str, d, split: str) -> Documents:
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
+  tfds_split = d.tfds_valid_split if split == "valid" else d.tfds_train_split
+  try:
+    source = tfds.data_source(name, split=tfds_split)
+  except Exception as e:  # pylint: disable=broad-except
+    first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    raise ValueError(f"data.source='tfds:{name}' split {tfds_split!r}: {type(e).__name__}: "
+                     f"{first}; build it with `tfds build {name}` or fix the name/split") from e
+  stats = DataStats(source=d.source, split=split, num_chars=-1)
+  items = _LazyItems(source, np.arange(len(source)), lambda ex: _tfds_text(ex, d.tfds_field))
+  if d.max_chars:
+    capped, budget = [], d.max_chars
+    for text in items:
+      capped.append(text[:budget])
+      budget -= len(capped[-1])
+      if budget <= 0:
+        break
+    items = [t for t in capped if t.strip()]
+    stats.empty_documents, stats.num_chars = len(capped) - len(items), sum(map(len, items))
+  if not len(items):
+    raise ValueError(f"data.source={d.source!r} split {tfds_split!r} has no documents")
+  stats.num_documents = len(items)
+  return Documents(items, pretokenized=False, stats=stats)
+
+
+def _read_arrayrecord(pattern: str, d, split: str) -> Documents:
+  import grain  # pylint: disable=g-import-not-at-top
+
+  files = _glob(pattern, d.source)
+  source = grain.sources.ArrayRecordDataSource([p for p, _ in files])
+  u = np.concatenate([_unit_hash(rel, np.arange(len(grain.sources.ArrayRecordDataSource([p]))))
+                      for p, rel in files])
+  indices = np.nonzero(_split_mask(u, d.valid_fraction, split))[0]
+  if not len(indices):
+    raise ValueError(f"data.source={d.source!r} has no {split} records; write records or change "
+                     "data.valid_fraction")
+  items = _LazyItems(source, indices, lambda record: np.frombuffer(record, dtype="<i4"))
+  stats = DataStats(source=d.source, split=split, num_documents=len(items), num_chars=-1)
+  return Documents(items, pretokenized=True, stats=stats)
+
+
+def load_documents(config, split: str = "train") -> Documents:
+  """The documents of `split` ("train" or "valid") of `config.data.source`."""
+  if split not in ("train", "valid"):
+    raise ValueError(f"split={split!r} is unknown; use 'train' or 'valid'")
+  d = config.data
+  scheme, arg = _parse_source(d.source)
+  if scheme == "tfds":
+    return _read_tfds(arg, d, split)
+  if scheme == "arrayrecord":
+    return _read_arrayrecord(arg, d, split)
+  return _read_text_docs(scheme, arg, d, split)
+
+
+def write_arrayrecord(path: str, documents: Sequence[Sequence[int]]) -> None:
+  """Writes pre-tokenized documents, one record each of raw little-endian int32 ids."""
+  from array_record.python import array_record_module  # pylint: disable=g-import-not-at-top
+
+  writer = array_record_module.ArrayRecordWriter(path, "group_size:1")
+  for ids in documents:
+    writer.write(np.asarray(ids, dtype="<i4").tobytes())
+  writer.close()
+
+
+# ----------------------------------------------------------------------------------- tokenizer
+
+
+def _check_vocab(tokenizer: Tokenizer, vocab_size: int) -> None:
+  if tokenizer.vocab_size != vocab_size:
+    where, n = tokenizer.path or "the tokenizer", tokenizer.vocab_size
+    raise ValueError(f"{where} has {n} pieces but model.vocab_size={vocab_size}; set "
+                     f"model.vocab_size={n} or use a tokenizer with {vocab_size} pieces (delete "
+                     f"a cached {TOKENIZER_FILE} to retrain)")
+
+
+def load_tokenizer(config, workdir: str | None = None) -> Tokenizer:
+  """`config.data.tokenizer` if set; else `workdir/tokenizer.model` if present; else trains one.
+
+  Training uses at most `data.tokenizer_train_chars` characters of the train split (documents
+  in a fixed shuffled order), `data.tokenizer_vocab_size` pieces (0: `model.vocab_size`), and
+  caches the model in `workdir` (when given). The tokenizer's vocabulary must equal
+  `model.vocab_size`.
+  """
+  d, vocab_size = config.data, config.model.vocab_size
+  if d.tokenizer:
+    tokenizer = Tokenizer.from_file(os.path.expanduser(d.tokenizer))
+  else:
+    wanted = d.tokenizer_vocab_size or vocab_size
+    if wanted != vocab_size:
+      raise ValueError(f"data.tokenizer_vocab_size={wanted} != model.vocab_size={vocab_size}; "
+                       "make them equal (or set data.tokenizer_vocab_size=0)")
+    path = os.path.join(workdir, TOKENIZER_FILE) if workdir else ""
+    if path and os.path.exists(path):
+      tokenizer = Tokenizer.from_file(path)
+    else:
+      docs = load_documents(config, "train")
+      if docs.pretokenized:
+        raise ValueError(f"data.source={d.source!r} is pre-tokenized; set data.tokenizer to the "
+                         "SentencePiece .model that made it")
+      order = np.random.default_rng(0).permutation(len(docs.items))
+      tokenizer = train_tokenizer((docs.items[i] for i in order), wanted,
+                                  max_chars=d.tokenizer_train_chars, path=path)
+      if path:
+        os.makedirs(workdir, exist_ok=True)
+        with open(path + ".tmp", "wb") as f:
+          f.write(tokenizer.model_proto)
+        os.replace(path + ".tmp", path)
+  _check_vocab(tokenizer, vocab_size)
+  return tokenizer
+
+
+# ------------------------------------------------------------------------------------ pipeline
+
+
+def _tokens_fn(docs: Documents, config, tokenizer: Tokenizer | None) -> Callable[[Any], dict]:
+  """Document -> {"tokens": int32 [BOS] ids [EOS]}; checks pre-tokenized ids against the vocab."""
+  d, vocab_size = config.data, config.model.vocab_size
+  if tokenizer is None and not docs.pretokenized:
+    raise ValueError(f"data.source={d.source!r} is text; pass a tokenizer (load_tokenizer)")
+  bos = np.asarray([tokenizer.bos_id if tokenizer else BOS_ID] if d.add_bos else [], np.int32)
+  eos = np.asarray([tokenizer.eos_id if tokenizer else EOS_ID] if d.add_eos else [], np.int32)
+
+  def fn(doc) -> dict:
+    if docs.pretokenized:
+      ids = doc
+      if ids.size and (ids.min() < 0 or ids.max() >= vocab_size):
+        bad = ids.max() if ids.max() >= vocab_size else ids.min()
+        raise ValueError(f"{d.source}: token id {bad} is outside [0, model.vocab_size="
+                         f"{vocab_size}); re-tokenize or fix model.vocab_size")
+    else:
+      ids = np.asarray(tokenizer.encode(doc), np.int32)
+    return {"tokens": np.concatenate([bos, ids.astype(np.int32), eos])}
+
+  return fn
+
+
+def _row_features(row: dict) -> Batch:
+  """A packed row of seq_len + 1 tokens -> the five features of SEQ_LEN tokens (see module doc)."""
+  tokens, seg, pos = row["tokens"], row["tokens_segment_ids"], row["tokens_positions"]
+  weights = (seg[:-1] != 0) & (seg[1:] == seg[:-1])
+  return {"inputs": tokens[:-1], "targets": tokens[1:], "segment_ids": seg[:-1],
+          "positions": pos[:-1], "weights": weights.astype(np.float32)}
+
+
+def _packed_rows(docs_ds, seq_len: int):
+  """grain MapDataset of {"tokens"} -> IterDataset of packed rows (`_row_features`)."""
+  import grain  # pylint: disable=g-import-not-at-top
+
+  rows = docs_ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=8))
+  rows = grain.experimental.ConcatThenSplitIterDataset(
+      rows, length_struct={"tokens": seq_len + 1}, split_full_length_features=True)
+  return rows.map(_row_features)
+
+
+def _hosts(config, process_index, process_count) -> tuple[int, int, int]:
+  """(process_index, process_count, per-host batch size)."""
+  if process_index is None or process_count is None:
+    import jax  # pylint: disable=g-import-not-at-top
+
+    process_index, process_count = jax.process_index(), jax.process_count()
+  batch = config.train.batch_size
+  if batch % process_count:
+    raise ValueError(f"train.batch_size={batch} is not divisible by the {process_count} hosts; "
+                     "make it a multiple")
+  return process_index, process_count, batch // process_count
+
+
+def _restore_tuples(state):
+  """JSON turns grain's (start, stop) slices into lists; grain compares them to tuples."""
+  if isinstance(state, dict):
+    return {k: (({s: tuple(v) for s, v in val.items()} if k == "remainder_slices" else
+                 _restore_tuples(val))) for k, val in state.items()}
+  if isinstance(state, list):
+    return [_restore_tuples(v) for v in state]
+  return state
+
+
+class TrainIterator:
+  """Endless iterator of train batches (dicts of numpy [per_host_batch, seq_len]).
+
+  `get_state()` returns a JSON-serialisable dict; `set_state(state)` (also from its JSON round
+  trip) continues with exactly the batches that followed. With data.num_workers > 0 the order
+  depends on num_workers, so resume with the same value. `stats` is the train `DataStats`.
+  """
+
+  def __init__(self, dataset, stats: DataStats):
+    self._iterator = iter(dataset)
+    self.stats = stats
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> Batch:
+    return next(self._iterator)
+
+  def get_state(self) -> dict:
+    return json.loads(json.dumps(self._iterator.get_state()))
+
+  def set_state(self, state: dict) -> None:
+    self._iterator.set_state(_restore_tuples(state))
+
+  def close(self) -> None:
+    """Stops data worker processes (data.num_workers > 0)."""
+    self._iterator.close()
+
+
+def make_train_iterator(config, tokenizer: Tokenizer | None, *, seed: int | None = None,
+                        process_index: int | None = None,
+                        process_count: int | None = None) -> TrainIterator:
+  """Shuffled, repeated, packed train batches of this host (seed: data.shuffle_seed if None).
+
+  `tokenizer` may be None only for pre-tokenized (arrayrecord) sources.
+  """
+  import grain  # pylint: disable=g-import-not-at-top
+
+  d = config.data
+  process_index, process_count, batch = _hosts(config, process_index, process_count)
+  docs = load_documents(config, "train")
+  if len(docs.items) < process_count:
+    raise ValueError(f"{len(docs.items)} train documents cannot feed {process_count} hosts; "
+                     "add data")
+  seed = d.shuffle_seed if seed is None else seed
+  ds = grain.MapDataset.source(docs.items)[process_index::process_count]
+  ds = ds.shuffle(seed=seed % 2**32).repeat().map(_tokens_fn(docs, config, tokenizer))
+  ds = _packed_rows(ds, d.seq_len).batch(batch, drop_remainder=True)
+  if d.num_workers > 0:
+    from absl import flags  # pylint: disable=g-import-not-at-top
+
+    if not flags.FLAGS.is_parsed():  # grain's workers read absl flags; outside absl.app too
+      flags.FLAGS.mark_as_parsed()
+    ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=d.num_workers))
+  return TrainIterator(ds, docs.stats)
+
+
+def make_eval_batches(config, tokenizer: Tokenizer | None, *, max_batches: int | None = None,
+                      process_index: int | None = None,
+                      process_count: int | None = None) -> list[Batch]:
+  """The validation split packed in sorted order: this host's part of each global batch.
+
+  At most `max_batches` (None or 0: all) batches; every host gets the same count, the last
+  batch padded with all-zero rows (weights 0).
+  """
+  import grain  # pylint: disable=g-import-not-at-top
+
+  process_index, process_count, batch = _hosts(config, process_index, process_count)
+  docs = load_documents(config, "valid")
+  ds = grain.MapDataset.source(docs.items).map(_tokens_fn(docs, config, tokenizer))
+  num_rows = max_batches * config.train.batch_size if max_batches else None
+  rows = list(itertools.islice(_packed_rows(ds, config.data.seq_len), num_rows))
+  if not rows:
+    raise ValueError(f"data.source={config.data.source!r} has no validation documents; raise "
+                     "data.valid_fraction")
+  num_batches = -(-len(rows) // config.train.batch_size)
+  zero = {k: np.zeros_like(v) for k, v in rows[0].items()}
+  rows += [zero] * (num_batches * config.train.batch_size - len(rows))
+  out = []
+  for b in range(num_batches):
+    start = b * config.train.batch_size + process_index * batch
+    mine = rows[start:start + batch]
+    out.append({k: np.stack([r[k] for r in mine]) for k in FEATURES})
+  return out
+
+
+__all__ = ["Batch", "DataStats", "Documents", "TrainIterator", "Tokenizer", "load_documents",
+           "load_tokenizer", "make_train_iterator", "make_eval_batches", "write_arrayrecord"]
