@@ -80,3 +80,109 @@ def check_model_config(c: ml_collections.ConfigDict) -> ModelConfig:
 
 
 __all__ = ["base_config", "model_defaults", "check_model_config"]
+
+
+# --- Paper models (SPEC section 8). Each configs/*.py file picks one row and a variant. ---
+
+PAPER_TOKENS = 15_000_000_000
+PAPER_SEQ_LEN = 2048
+PAPER_BATCH_TOKENS = 524_288  # 0.5M tokens per batch
+
+RETNET_SIZES = {
+    # name: (layers, hidden, qk, heads)
+    "350m": (16, 1536, 768, 2),
+    "1b3": (25, 2560, 1280, 4),
+}
+# The "RetNet with FFN" row: the original RetNet layout (MSR + FFN, two sub-layers per layer).
+RETNET_FFN_SIZES = {
+    # name: (layers, hidden, heads, ffn)
+    "350m": (24, 1024, 4, 2048),
+    "1b3": (24, 2048, 8, 4096),
+}
+MAMBA_SIZES = {"360m": (50, 1024), "1b3": (50, 2048)}  # (layers, hidden)
+DENSE_RATIOS = {"350m": (8, 32), "1b3": (16, 8)}  # released checkpoints' (r_k, r_v)
+
+
+def paper_recipe(c: ml_collections.ConfigDict, *, lr: float, b2: float, dropout: float):
+  """SPEC section 8: AdamW, wd 0.01, clip 1.0, 1.5% warm-up then linear decay, seq 2048,
+  0.5M-token batches, 15B tokens. The paper's corpus is not bundled: data.source is left empty,
+  and the trainer says so and falls back to the embedded data."""
+  c.data.source = ""
+  c.data.seq_len = PAPER_SEQ_LEN
+  c.train.batch_size = PAPER_BATCH_TOKENS // PAPER_SEQ_LEN
+  c.train.steps = PAPER_TOKENS // PAPER_BATCH_TOKENS
+  c.train.lr = lr
+  c.train.b1, c.train.b2 = 0.9, b2
+  c.train.weight_decay = 0.01
+  c.train.clip_norm = 1.0
+  c.train.warmup_fraction = 0.015
+  c.train.eval_every = 1000
+  c.train.checkpoint_every = 1000
+  c.model.dropout = dropout
+  c.model.max_len = PAPER_SEQ_LEN
+  c.model.dtype = "bfloat16"
+  c.model.param_dtype = "float32"
+  return c
+
+
+def _parse_variant(arg, allowed, default):
+  variant = (arg or default).strip()
+  if variant not in allowed:
+    raise ValueError(f"config variant {variant!r} is unknown; use one of {sorted(allowed)} "
+                     f"(e.g. --config=configs/x.py:{default}).")
+  return variant
+
+
+def retnet_config(size: str, arg: str | None = None) -> ml_collections.ConfigDict:
+  """Variants: dense (DenseRetNet, m=2, the reference code's r_k = r_v = 32; SPEC section 5
+  counts), gau (the m=0 GAU baseline), ffn (RetNet with FFN), released (the released
+  checkpoints' (r_k, r_v): (8, 32) at 350M, (16, 8) at 1.3B)."""
+  variant = _parse_variant(arg, {"dense", "gau", "ffn", "released"}, "dense")
+  c = base_config()
+  if variant == "ffn":
+    layers, hidden, heads, ffn = RETNET_FFN_SIZES[size]
+    c.model = model_defaults(family="retnet_ffn", num_layers=layers, hidden_size=hidden,
+                             qk_dim=hidden, num_heads=heads, ffn_dim=ffn, ffn_act="gelu",
+                             dense={"layers": 0})
+  else:
+    layers, hidden, qk, heads = RETNET_SIZES[size]
+    r_k, r_v = DENSE_RATIOS[size] if variant == "released" else (32, 32)
+    c.model = model_defaults(family="dense_retnet", num_layers=layers, hidden_size=hidden,
+                             qk_dim=qk, num_heads=heads,
+                             dense={"layers": 0 if variant == "gau" else 2, "r_k": r_k,
+                                    "r_v": r_v})
+  c.model.chunk_size = 128
+  return paper_recipe(c, lr=6e-4, b2=0.98, dropout=0.1)
+
+
+def mamba_config(size: str, arg: str | None = None) -> ml_collections.ConfigDict:
+  """Variants: dense (DenseMamba, input-level fusion of x and B, m=4), plain (Mamba),
+  state (DenseMamba with the literal state-level readout)."""
+  variant = _parse_variant(arg, {"dense", "plain", "state"}, "dense")
+  layers, hidden = MAMBA_SIZES[size]
+  c = base_config()
+  c.model = model_defaults(
+      family="mamba", num_layers=layers, hidden_size=hidden, state_dim=16, expand=2,
+      conv_width=4, tie_embeddings=True,
+      dense={"layers": 0 if variant == "plain" else 4,
+             "mamba_level": "state" if variant == "state" else "input"})
+  return paper_recipe(c, lr=3e-4 if size == "360m" else 2e-4, b2=0.95, dropout=0.0)
+
+
+def transformer_config(kind: str) -> ml_collections.ConfigDict:
+  """LLaMA-350M (RMSNorm, RoPE, SwiGLU) and OPT-1.3B (LayerNorm, learned positions, ReLU, biases).
+
+  Both tie the embeddings: LLaMA-350M then counts 334.8M (untied: 367.6M, over 5% of 350M).
+  """
+  c = base_config()
+  if kind == "llama_350m":
+    c.model = model_defaults(family="transformer", num_layers=18, hidden_size=1024, num_heads=8,
+                             ffn_dim=4096, ffn_act="swiglu", tie_embeddings=True,
+                             dense={"layers": 0})
+    return paper_recipe(c, lr=6e-4, b2=0.98, dropout=0.0)
+  if kind == "opt_1b3":
+    c.model = model_defaults(family="transformer", num_layers=24, hidden_size=2048, num_heads=32,
+                             ffn_dim=8192, ffn_act="relu", norm_type="layer", pos_emb="learned",
+                             use_bias=True, tie_embeddings=True, dense={"layers": 0})
+    return paper_recipe(c, lr=2e-4, b2=0.98, dropout=0.1)
+  raise ValueError(f"unknown transformer baseline {kind!r}; use llama_350m or opt_1b3.")

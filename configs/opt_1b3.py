@@ -1,0 +1,8 @@
+"""Transformer baseline OPT-1.3B of the paper's comparison tables (SPEC sections 7, 8)."""
+
+from dense_ssm import config_lib
+
+
+def get_config(arg=None):
+  del arg
+  return config_lib.transformer_config("opt_1b3")
