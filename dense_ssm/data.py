@@ -62,7 +62,8 @@ FEATURES = ("inputs", "targets", "segment_ids", "positions", "weights")
 
 @dataclasses.dataclass
 class DataStats:
-  """What reading one split found; `replaced_*` count invalid UTF-8 (eager text sources)."""
+  """What reading one split found. `empty_documents` (dropped) and `replaced_*` (invalid UTF-8
+  turned into U+FFFD; eager text sources only) count over everything read, both splits."""
 
   source: str
   split: str
@@ -170,13 +171,13 @@ def _read_text_docs(scheme: str, arg: str, d, split: str) -> Documents:
         break
     if budget <= 0:
       break
-  keep = _split_mask(np.asarray(hashes), d.valid_fraction, split)
-  items = [t for t, k in zip(texts, keep) if k]
-  stats.empty_documents = sum(not t.strip() for t in items)
-  items = [t for t in items if t.strip()]
-  stats.num_documents, stats.num_chars = len(items), sum(map(len, items))
-  if not any(t.strip() for t in texts):
+  nonempty = [i for i, t in enumerate(texts) if t.strip()]
+  stats.empty_documents = len(texts) - len(nonempty)
+  if not nonempty:
     raise ValueError(f"data.source={d.source!r} has no non-empty documents; point it at real text")
+  keep = _split_mask(np.asarray(hashes)[nonempty], d.valid_fraction, split)
+  items = [texts[i] for i, k in zip(nonempty, keep) if k]
+  stats.num_documents, stats.num_chars = len(items), sum(map(len, items))
   if not items:
     raise ValueError(f"data.source={d.source!r} has no non-empty {split} documents; add documents "
                      "or change data.valid_fraction")

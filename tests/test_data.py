@@ -241,8 +241,10 @@ def test_non_utf8_is_counted_not_fatal(tmp_path):
   root = tmp_path / "txt"
   source = write_text_files(root, CORPUS[:3])
   (root / "bad.txt").write_bytes(b"caf\xe9 and \xff\xfe bytes, plus a real \xef\xbf\xbd\n")
+  (root / "empty.txt").write_text(" \n")
   c = make_config(source, valid_fraction=0.0)
   docs = data.load_documents(c, "train")
+  assert (docs.stats.num_documents, docs.stats.empty_documents) == (4, 1)
   # \xe9, \xff and \xfe are replaced; the real U+FFFD is not counted.
   assert (docs.stats.replaced_files, docs.stats.replaced_chars) == (1, 3)
   assert any("caf\ufffd and \ufffd\ufffd bytes" in t for t in docs.items)
