@@ -1,0 +1,346 @@
+"""GPU (Pallas Triton lowering) kernels for chunked retention; algebra in retention_pallas.py.
+
+One program owns one tile of the [K,V] state of one (batch, head) and walks the chunks of the
+sequence with the tile in registers (float32), so no per-chunk state is ever written to HBM:
+
+  forward  grid (V/BV, B*H)          tile [K, BV]   o[:, tile]        in order
+  dq       grid (K/BK, V/VG, B*H)    tile [BK, VG]  dq[:, tile]       in order (S recomputed)
+  dk       grid (K/BK, V/VG, B*H)    tile [BK, VG]  dk[:, tile], dS0  reverse order
+  dv       grid (V/BV, B*H)          tile [K, BV]   dv[:, tile]       reverse order
+
+A program whose tile spans the whole contraction dimension writes its output directly; when the
+value dimension is split into VG groups (large d_v), dq and dk are written as float32 partial sums
+over the groups and added in XLA. Inside a tile, K and V are walked in power-of-two sub-blocks so
+that head dims such as 320 or 1536 need no padding. The tile's first grid axis varies fastest, so
+programs of one (batch, head) run together and share q/k/v/do reads through L2.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from dense_ssm.ops import retention_pallas as rp
+
+_STATE_BUDGET = 16384  # float32 state elements per program (registers of 8 warps)
+
+
+def _pow2_divisor(n, cap=128):
+  d = 1
+  while d * 2 <= cap and n % (d * 2) == 0:
+    d *= 2
+  return d
+
+
+def padded_head_dims(dk, dv):
+  """Pad head dims to a multiple of min(64, next power of two) so sub-blocks are >= 16 wide."""
+  def pad(n):
+    m = min(64, max(16, 1 << (n - 1).bit_length()))
+    return -(-n // m) * m
+  return pad(dk), pad(dv)
+
+
+@dataclasses.dataclass(frozen=True)
+class Tiles:
+  sub_k: int      # K sub-block inside a [K, BV] tile
+  block_v: int    # BV of the forward / dv tiles
+  block_k: int    # BK of the dq / dk tiles
+  group_v: int    # VG of the dq / dk tiles
+  sub_v: int      # V sub-block inside a [BK, VG] tile
+  num_warps: int
+  num_stages: int
+
+
+def choose_tiles(dk, dv, tuning=()):
+  opts = dict(tuning)
+  budget = opts.get("budget", _STATE_BUDGET)
+  sub_k = _pow2_divisor(dk)
+  block_v = opts.get("block_v") or max(16, min(_pow2_divisor(dv), _pow2_floor(budget // dk)))
+  sub_v = _pow2_divisor(dv)
+  block_k = opts.get("block_k")
+  group_v = opts.get("group_v")
+  if block_k is None or group_v is None:
+    # Fewest value groups (partial sums) with a BK of at least 32 (or all of K).
+    best = None
+    for groups in range(1, dv // sub_v + 1):
+      if dv % (groups * sub_v):
+        continue
+      gv = dv // groups
+      bk = min(_pow2_divisor(dk), _pow2_floor(budget // gv))
+      if bk >= min(32, dk) and dk % bk == 0:
+        best = (bk, gv)
+        break
+    if best is None:
+      best = (16, sub_v)
+    block_k = block_k or best[0]
+    group_v = group_v or best[1]
+  num_warps = opts.get("num_warps", 8 if max(dk * block_v, block_k * group_v) > 8192 else 4)
+  return Tiles(sub_k=sub_k, block_v=block_v, block_k=block_k, group_v=group_v,
+               sub_v=min(sub_v, group_v), num_warps=num_warps,
+               num_stages=opts.get("num_stages", 2))
+
+
+def _pow2_floor(n):
+  return 1 << (max(1, n).bit_length() - 1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Shared loads.
+# ----------------------------------------------------------------------------------------------
+
+
+def _chunk_gates(refs, bh, b, t0, c):
+  """Loads one chunk's gates: D [C,C], fq [C,1], fk [C,1] (float32)."""
+  cum_ref, lfq_ref, lfk_ref, seg_ref = refs
+  cum = cum_ref[bh, pl.ds(t0, c)]
+  if seg_ref is None:
+    d = rp.decay_matrix(cum[:, None], cum[None, :])
+  else:
+    seg = seg_ref[b, pl.ds(t0, c)]
+    d = rp.decay_matrix(cum[:, None], cum[None, :], seg[:, None], seg[None, :])
+  fq = jnp.exp(lfq_ref[bh, pl.ds(t0, c)])[:, None]
+  fk = jnp.exp(lfk_ref[bh, pl.ds(t0, c)])[:, None]
+  return d, fq, fk
+
+
+def _unpack(refs, n_fixed, has_seg, has_tail):
+  """Kernel refs are: n_fixed inputs, [segment index], [tail input], outputs."""
+  refs = list(refs)
+  fixed, rest = refs[:n_fixed], refs[n_fixed:]
+  seg_ref = rest.pop(0) if has_seg else None
+  tail_ref = rest.pop(0) if has_tail else None
+  return fixed, seg_ref, tail_ref, rest
+
+
+# ----------------------------------------------------------------------------------------------
+# Forward: tile [K, BV], chunks in order.
+# ----------------------------------------------------------------------------------------------
+
+
+def _fwd_kernel(*refs, dims, tiles, has_seg, has_h0):
+  n_heads, n_chunks, c, dk, _ = dims
+  (q_ref, k_ref, v_ref, cum_ref, lfq_ref, lfk_ref, dec_ref), seg_ref, h0_ref, (o_ref, ht_ref) = (
+      _unpack(refs, 7, has_seg, has_h0))
+  bv, sk = tiles.block_v, tiles.sub_k
+  nk = dk // sk
+  vb, bh = pl.program_id(0), pl.program_id(1)
+  b, h = bh // n_heads, bh % n_heads
+  vs = pl.ds(vb * bv, bv)
+  ks = [pl.ds(j * sk, sk) for j in range(nk)]
+  if h0_ref is None:
+    state = tuple(jnp.zeros((sk, bv), jnp.float32) for _ in range(nk))
+  else:
+    state = tuple(h0_ref[b, h, ks[j], vs] for j in range(nk))
+  gate_refs = (cum_ref, lfq_ref, lfk_ref, seg_ref)
+
+  def body(ci, state):
+    t0 = pl.multiple_of(ci * c, c)
+    ts = pl.ds(t0, c)
+    d, fq, fk = _chunk_gates(gate_refs, bh, b, t0, c)
+    v = v_ref[b, ts, h, vs]
+    scores = jnp.zeros((c, c), jnp.float32)
+    inter = jnp.zeros((c, bv), jnp.float32)
+    k_blocks = []
+    for j in range(nk):
+      qj = q_ref[b, ts, h, ks[j]]
+      kj = k_ref[b, ts, h, ks[j]]
+      k_blocks.append(kj)
+      scores += rp.mm(qj, kj, tb=True)
+      inter += rp.mm(qj, state[j].astype(qj.dtype))
+    o = rp.mm((scores * d).astype(v.dtype), v) + fq * inter
+    o_ref[b, ts, h, vs] = o.astype(o_ref.dtype)
+    vk = (v * fk).astype(v.dtype)
+    dec = dec_ref[bh, ci]
+    return tuple(dec * state[j] + rp.mm(k_blocks[j], vk, ta=True) for j in range(nk))
+
+  state = lax.fori_loop(0, n_chunks, body, state)
+  for j in range(nk):
+    ht_ref[b, h, ks[j], vs] = state[j]
+
+
+# ----------------------------------------------------------------------------------------------
+# dq (in order) and dk (reverse): tile [BK, VG].
+# ----------------------------------------------------------------------------------------------
+
+
+def _dqk_kernel(*refs, dims, tiles, has_seg, has_h0, which):
+  """which='dq': dq and q.dq, S from h0, in order; 'dk': dk, k.dk and dS0, reverse order."""
+  n_heads, n_chunks, c, _, dv = dims
+  is_dq = which == "dq"
+  ins, seg_ref, s0_ref, outs = _unpack(refs, 8, has_seg, has_h0 or not is_dq)
+  q_ref, k_ref, v_ref, do_ref, cum_ref, lfq_ref, lfk_ref, dec_ref = ins
+  grad_ref, dot_ref = outs[0], outs[1]
+  ds0_ref = outs[2] if (not is_dq and has_h0) else None
+  bk, gv, sv = tiles.block_k, tiles.group_v, tiles.sub_v
+  ni = gv // sv
+  kb, vg, bh = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+  n_groups = dv // gv
+  b, h = bh // n_heads, bh % n_heads
+  ks = pl.ds(kb * bk, bk)
+  vss = [pl.ds(vg * gv + i * sv, sv) for i in range(ni)]
+  if s0_ref is None:
+    state = tuple(jnp.zeros((bk, sv), jnp.float32) for _ in range(ni))
+  else:
+    state = tuple(s0_ref[b, h, ks, vss[i]] for i in range(ni))
+  gate_refs = (cum_ref, lfq_ref, lfk_ref, seg_ref)
+  partial = len(grad_ref.shape) == 5
+
+  def body(step, state):
+    ci = step if is_dq else n_chunks - 1 - step
+    t0 = pl.multiple_of(ci * c, c)
+    ts = pl.ds(t0, c)
+    d, fq, fk = _chunk_gates(gate_refs, bh, b, t0, c)
+    own = (q_ref if is_dq else k_ref)[b, ts, h, ks]      # q for q.dq, k for k.dk
+    other = (k_ref if is_dq else q_ref)[b, ts, h, ks]    # k for dq, q for dk
+    dp = jnp.zeros((c, c), jnp.float32)
+    inter = jnp.zeros((c, bk), jnp.float32)
+    v_blocks, do_blocks = [], []
+    for i in range(ni):
+      vi = v_ref[b, ts, h, vss[i]]
+      doi = do_ref[b, ts, h, vss[i]]
+      v_blocks.append(vi)
+      do_blocks.append(doi)
+      dp += rp.mm(doi, vi, tb=True)
+      # dq: do S^T (state before the chunk); dk: v dS^T (gradient at the chunk end).
+      inter += rp.mm(doi if is_dq else vi, state[i].astype(vi.dtype), tb=True)
+    dpd = (dp * d).astype(other.dtype)
+    if is_dq:
+      grad = rp.mm(dpd, other) + fq * inter
+      scaled = (other * fk).astype(other.dtype)      # k * fk  -> S += k^T v
+    else:
+      grad = rp.mm(dpd, other, ta=True) + fk * inter
+      scaled = (other * fq).astype(other.dtype)      # q * fq  -> dS += q^T do
+    if partial:
+      grad_ref[vg, b, ts, h, ks] = grad
+    else:
+      grad_ref[b, ts, h, ks] = grad.astype(grad_ref.dtype)
+    dot_ref[kb * n_groups + vg, bh, ts] = jnp.sum(own.astype(jnp.float32) * grad, axis=1)
+    upd = v_blocks if is_dq else do_blocks
+    dec = dec_ref[bh, ci]
+    return tuple(dec * state[i] + rp.mm(scaled, upd[i], ta=True) for i in range(ni))
+
+  state = lax.fori_loop(0, n_chunks, body, state)
+  if ds0_ref is not None:
+    for i in range(ni):
+      ds0_ref[b, h, ks, vss[i]] = state[i]
+
+
+# ----------------------------------------------------------------------------------------------
+# dv: tile [K, BV], reverse order.
+# ----------------------------------------------------------------------------------------------
+
+
+def _dv_kernel(*refs, dims, tiles, has_seg):
+  n_heads, n_chunks, c, dk, _ = dims
+  ins, seg_ref, dht_ref, (dv_ref,) = _unpack(refs, 7, has_seg, True)
+  q_ref, k_ref, do_ref, cum_ref, lfq_ref, lfk_ref, dec_ref = ins
+  bv, sk = tiles.block_v, tiles.sub_k
+  nk = dk // sk
+  vb, bh = pl.program_id(0), pl.program_id(1)
+  b, h = bh // n_heads, bh % n_heads
+  vs = pl.ds(vb * bv, bv)
+  ks = [pl.ds(j * sk, sk) for j in range(nk)]
+  state = tuple(dht_ref[b, h, ks[j], vs] for j in range(nk))
+  gate_refs = (cum_ref, lfq_ref, lfk_ref, seg_ref)
+
+  def body(step, state):
+    ci = n_chunks - 1 - step
+    t0 = pl.multiple_of(ci * c, c)
+    ts = pl.ds(t0, c)
+    d, fq, fk = _chunk_gates(gate_refs, bh, b, t0, c)
+    do = do_ref[b, ts, h, vs]
+    scores = jnp.zeros((c, c), jnp.float32)
+    inter = jnp.zeros((c, bv), jnp.float32)
+    q_blocks = []
+    for j in range(nk):
+      qj = q_ref[b, ts, h, ks[j]]
+      kj = k_ref[b, ts, h, ks[j]]
+      q_blocks.append(qj)
+      scores += rp.mm(qj, kj, tb=True)
+      inter += rp.mm(kj, state[j].astype(kj.dtype))
+    dv = rp.mm((scores * d).astype(do.dtype), do, ta=True) + fk * inter
+    dv_ref[b, ts, h, vs] = dv.astype(dv_ref.dtype)
+    dos = (do * fq).astype(do.dtype)
+    dec = dec_ref[bh, ci]
+    return tuple(dec * state[j] + rp.mm(q_blocks[j], dos, ta=True) for j in range(nk))
+
+  lax.fori_loop(0, n_chunks, body, state)
+
+
+# ----------------------------------------------------------------------------------------------
+# Launchers.
+# ----------------------------------------------------------------------------------------------
+
+
+def _gate_args(gates):
+  b, h, t = gates.cum.shape
+  flat = lambda x: x.reshape(b * h, -1)
+  return [flat(gates.cum), flat(gates.log_fq), flat(gates.log_fk), flat(gates.dec)]
+
+
+def _call(kernel, grid, out_shape, tiles, interpret, name):
+  return pl.pallas_call(
+      kernel, grid=grid, out_shape=out_shape, interpret=interpret, name=name,
+      compiler_params=plgpu.CompilerParams(num_warps=tiles.num_warps,
+                                           num_stages=tiles.num_stages))
+
+
+def forward(q, k, v, gates, h0, cfg):
+  b, t, h, dk = q.shape
+  dv = v.shape[-1]
+  tiles = choose_tiles(dk, dv, cfg.tuning)
+  dims = (h, t // cfg.chunk, cfg.chunk, dk, dv)
+  has_seg, has_h0 = gates.seg is not None, h0 is not None
+  args = [q, k, v] + _gate_args(gates)
+  args += [gates.seg] if has_seg else []
+  args += [h0] if has_h0 else []
+  kernel = functools.partial(_fwd_kernel, dims=dims, tiles=tiles, has_seg=has_seg, has_h0=has_h0)
+  out_shape = (jax.ShapeDtypeStruct((b, t, h, dv), v.dtype),
+               jax.ShapeDtypeStruct((b, h, dk, dv), jnp.float32))
+  return _call(kernel, (dv // tiles.block_v, b * h), out_shape, tiles, cfg.interpret,
+               "retention_fwd")(*args)
+
+
+def backward(q, k, v, do, gates, h0, dht, cfg):
+  b, t, h, dk = q.shape
+  dv = v.shape[-1]
+  tiles = choose_tiles(dk, dv, cfg.tuning)
+  dims = (h, t // cfg.chunk, cfg.chunk, dk, dv)
+  has_seg, has_h0 = gates.seg is not None, h0 is not None
+  seg = [gates.seg] if has_seg else []
+  gate_args = _gate_args(gates)
+  n_k, n_g = dk // tiles.block_k, dv // tiles.group_v
+  grid_qk = (n_k, n_g, b * h)
+  grad_shape = lambda x: (jax.ShapeDtypeStruct((n_g, b, t, h, dk), jnp.float32) if n_g > 1
+                          else jax.ShapeDtypeStruct((b, t, h, dk), x.dtype))
+  dot_shape = jax.ShapeDtypeStruct((n_k * n_g, b * h, t), jnp.float32)
+
+  kern = functools.partial(_dqk_kernel, dims=dims, tiles=tiles, has_seg=has_seg, has_h0=has_h0,
+                           which="dq")
+  dq, qdq = _call(kern, grid_qk, (grad_shape(q), dot_shape), tiles, cfg.interpret,
+                  "retention_bwd_dq")(q, k, v, do, *gate_args, *seg, *([h0] if has_h0 else []))
+
+  kern = functools.partial(_dqk_kernel, dims=dims, tiles=tiles, has_seg=has_seg, has_h0=has_h0,
+                           which="dk")
+  out_shape = (grad_shape(k), dot_shape)
+  if has_h0:
+    out_shape += (jax.ShapeDtypeStruct((b, h, dk, dv), jnp.float32),)
+  outs = _call(kern, grid_qk, out_shape, tiles, cfg.interpret, "retention_bwd_dk")(
+      q, k, v, do, *gate_args, *seg, dht)
+  dk_, kdk = outs[0], outs[1]
+  dh0 = outs[2] if has_h0 else None
+
+  kern = functools.partial(_dv_kernel, dims=dims, tiles=tiles, has_seg=has_seg)
+  dv_ = _call(kern, (dv // tiles.block_v, b * h), jax.ShapeDtypeStruct(v.shape, v.dtype), tiles,
+              cfg.interpret, "retention_bwd_dv")(q, k, do, *gate_args, *seg, dht)
+
+  if n_g > 1:
+    dq, dk_ = dq.sum(0).astype(q.dtype), dk_.sum(0).astype(k.dtype)
+  to_bht = lambda x: x.sum(0).reshape(b, h, t)
+  return dq, dk_, dv_, dh0, to_bht(qdq), to_bht(kdk)
