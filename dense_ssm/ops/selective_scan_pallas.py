@@ -1,0 +1,776 @@
+"""Pallas selective scan (Mamba-1 / S6), fused, forward and backward, TPU and GPU.
+
+Math (per batch row; D channels, N states; float32 state and accumulation):
+
+    delta_t = softplus(dt_t + dt_bias)                                  [D]
+    h_t     = keep_t * exp(delta_t A) * h_{t-1} + (delta_t x_t) b_t^T   [D, N]
+    y_t     = (h_t c_t + d_skip x_t) * silu(z_t)                        [D]
+
+with keep_t = 0 where `segment_ids` changes (t > 0) and 1 elsewhere (the initial
+state only reaches the first segment); returns (y in x.dtype, h_{T-1} float32).
+
+Kernels. The state of one block of channels lives on chip as an [N, block_d]
+(or, on GPU, optionally [block_d, N]) float32 array; no [T, D, N] tensor ever
+touches HBM. Time is walked sequentially in chunks of `chunk` steps:
+  * TPU (Mosaic): grid (B, D/block_d, T/chunk), the chunk axis "arbitrary", the
+    state carried across chunks in VMEM scratch.
+  * GPU (Triton lowering): grid (B, D/block_d); each program walks all chunks in
+    a loop with the state in registers.
+The forward saves the state at every chunk start ([B, T/chunk, N, D] float32, a
+1/chunk fraction of the [T, D, N] states). The backward walks the chunks in
+reverse: it recomputes each chunk's states from its checkpoint (first every
+`sub` steps, then step by step inside each sub-chunk, all unrolled on chip) and
+runs the reverse (adjoint) scan g_{t-1} = a_t g_t + c_t dy_t on chip. Gradients:
+
+    w_t      = g_t * a_t * h_{t-1}          (dL/d(delta_t A), per [d, n])
+    ddelta_t = sum_n w_t A + x_t sum_n g_t b_t
+    dA      += w_t delta_t
+    dx_t     = delta_t sum_n g_t b_t + d_skip dy'_t,   dy' = dy * silu(z)
+    db_t     = sum_d g_t delta_t x_t,      dc_t = sum_d h_t dy'_t
+Partial sums over channel blocks (db, dc) and over batch (dA, d_skip, dt_bias)
+are finished by XLA outside the kernels.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+_LOG2E = 1.4426950408889634
+_F32 = jnp.float32
+
+
+@dataclasses.dataclass(frozen=True)
+class ScanConfig:
+  """Static configuration of one kernel instance (hashable: a jit/custom_vjp key)."""
+
+  backend: str  # "tpu" or "gpu"
+  seq_len: int  # the real T (the arrays are padded to a multiple of chunk)
+  chunk: int  # steps per chunk (checkpoint spacing)
+  sub: int  # backward sub-chunk (states kept on chip for `sub` steps)
+  block_d: int
+  has_d: bool
+  has_z: bool
+  has_bias: bool
+  has_h0: bool
+  has_seg: bool
+  softplus: bool
+  interpret: bool = False
+  state_dn: bool = False  # GPU only: state as [block_d, N] instead of [N, block_d]
+  num_warps: int = 4  # GPU only
+
+  @property
+  def masked(self) -> bool:
+    return self.seq_len % self.chunk != 0
+
+  @property
+  def vec2d(self) -> bool:  # TPU keeps vectors 2-D: rows [1, bd], columns [N, 1]
+    return self.backend == "tpu"
+
+  @property
+  def n_axis(self) -> int:  # the state axis holding N
+    return 1 if self.state_dn else 0
+
+
+# ------------------------------------------------------------------------------
+# Shared per-step math. Per-channel vectors ("d-vectors") and per-state vectors
+# ("n-vectors") are 1-D on GPU and 2-D ([1, bd] / [N, 1]) on TPU; `_rd` / `_cn`
+# broadcast them against the state, `_sum_n` / `_sum_d` reduce the state.
+
+
+def _rd(cfg, v):
+  return v if cfg.vec2d else jnp.expand_dims(v, cfg.n_axis)
+
+
+def _cn(cfg, v):
+  return v if cfg.vec2d else jnp.expand_dims(v, 1 - cfg.n_axis)
+
+
+def _sum_n(cfg, s):
+  return jnp.sum(s, axis=cfg.n_axis, keepdims=cfg.vec2d)
+
+
+def _sum_d(cfg, s):
+  return jnp.sum(s, axis=1 - cfg.n_axis, keepdims=cfg.vec2d)
+
+
+def _sigmoid(v):
+  return 1.0 / (1.0 + jnp.exp(-v))
+
+
+def _softplus(v):
+  return jnp.maximum(v, 0.0) + jnp.log1p(jnp.exp(-jnp.abs(v)))
+
+
+def _decay(cfg, delta, a_mat):
+  """exp(delta * A); on GPU `a_mat` holds A * log2(e) and exp2 is used."""
+  arg = _rd(cfg, delta) * a_mat
+  return jnp.exp(arg) if cfg.backend == "tpu" else jnp.exp2(arg)
+
+
+def _step_inputs(cfg, get, i, p):
+  """Discretised inputs of step i: (x, v = dt + bias, delta, b, a, dx = delta*x)."""
+  x, dt, b = get("x", i), get("dt", i), get("b", i)
+  v = dt + p["bias"] if cfg.has_bias else dt
+  delta = _softplus(v) if cfg.softplus else v
+  if cfg.masked:  # padded steps are exact identities: delta = 0 => a = 1, u = 0
+    delta = jnp.where(get("valid", i), delta, 0.0)
+  a = _decay(cfg, delta, p["a_exp"])
+  if cfg.has_seg:
+    a = a * get("keep", i)
+  return x, v, delta, b, a, delta * x
+
+
+def _fwd_chunk(cfg, get, put, h, p, steps):
+  """Runs `steps` (static) forward steps from state h; emits y rows via put."""
+  for i in range(steps):
+    x, _, _, b, a, dx = _step_inputs(cfg, get, i, p)
+    h = a * h + _cn(cfg, b) * _rd(cfg, dx)
+    y = _sum_n(cfg, h * _cn(cfg, get("c", i)))
+    if cfg.has_d:
+      y = y + p["d"] * x
+    if cfg.has_z:
+      z = get("z", i)
+      y = y * (z * _sigmoid(z))
+    put("y", i, y)
+  return h
+
+
+def _bwd_chunk(cfg, get, put, h, g, acc, p, steps):
+  """Reverse scan over one chunk of `steps` steps whose start state is h.
+
+  g is the adjoint of the state after the chunk (dL/dh_{end}); returns the
+  adjoint of the state before the chunk and the updated accumulators
+  acc = (dA [state-shaped], d_skip [d-vector], dt_bias [d-vector]).
+  """
+  sub = min(cfg.sub, steps)
+  subs = []
+  for i in range(steps):  # pass 1: states at sub-chunk starts
+    if i % sub == 0:
+      subs.append(h)
+    _, _, _, b, a, dx = _step_inputs(cfg, get, i, p)
+    h = a * h + _cn(cfg, b) * _rd(cfg, dx)
+  d_a, d_d, d_bias = acc
+  for r in reversed(range(len(subs))):  # pass 2: one sub-chunk at a time
+    i0 = r * sub
+    i1 = min(i0 + sub, steps)
+    hs, ins = [subs[r]], []
+    for i in range(i0, i1):
+      step = _step_inputs(cfg, get, i, p)
+      _, _, _, b, a, dx = step
+      hs.append(a * hs[-1] + _cn(cfg, b) * _rd(cfg, dx))
+      ins.append(step)
+    for i in reversed(range(i0, i1)):
+      x, v, delta, b, a, dx = ins[i - i0]
+      h, h_prev = hs[i - i0 + 1], hs[i - i0]
+      c_n = _cn(cfg, get("c", i))
+      dy = get("dy", i)
+      if cfg.has_z:
+        z = get("z", i)
+        s = _sigmoid(z)
+        yd = _sum_n(cfg, h * c_n)
+        if cfg.has_d:
+          yd = yd + p["d"] * x
+        put("dz", i, dy * yd * s * (1.0 + z * (1.0 - s)))
+        dy = dy * z * s
+      g = g + c_n * _rd(cfg, dy)
+      put("dc", i, _sum_d(cfg, h * _rd(cfg, dy)))
+      put("db", i, _sum_d(cfg, g * _rd(cfg, dx)))
+      b_n = _cn(cfg, b)
+      w = g * a * h_prev
+      gb = _sum_n(cfg, g * b_n)
+      ddelta = _sum_n(cfg, w * p["a_nat"]) + gb * x
+      d_a = d_a + w * _rd(cfg, delta)
+      dxi = gb * delta
+      if cfg.has_d:
+        dxi = dxi + dy * p["d"]
+        d_d = d_d + dy * x
+      put("dx", i, dxi)
+      if cfg.masked:
+        ddelta = jnp.where(get("valid", i), ddelta, 0.0)
+      ddt = ddelta * _sigmoid(v) if cfg.softplus else ddelta
+      put("ddt", i, ddt)
+      if cfg.has_bias:
+        d_bias = d_bias + ddt
+      g = g * a
+  return g, (d_a, d_d, d_bias)
+
+
+# ------------------------------------------------------------------------------
+# Kernels. Inputs are passed by name; `names` fixes the order of the refs.
+
+
+def _params(cfg, r):
+  a_nat = r["A"][...].astype(_F32)
+  p = {"a_nat": a_nat, "a_exp": a_nat if cfg.backend == "tpu" else a_nat * _LOG2E}
+  for key, name in (("d", "dskip"), ("bias", "bias")):
+    if name in r:
+      p[key] = r[name][...].astype(_F32)
+  return p
+
+
+def _gpu_getter(cfg, r, base):
+  """Loads step i of the chunk starting at time `base` straight from HBM."""
+
+  def get(name, i):
+    t = base + i
+    if name == "valid":
+      return t < cfg.seq_len
+    if name == "keep":
+      return r["keep"][t]
+    return r[name][t, :].astype(_F32)
+
+  return get
+
+
+def _gpu_putter(r, base):
+  def put(name, i, val):
+    ref = r[name]
+    ref[base + i, :] = val.astype(ref.dtype)
+
+  return put
+
+
+def _gpu_fwd_kernel(cfg, in_names, out_names, *refs):
+  r = dict(zip(in_names + out_names, refs))
+  p = _params(cfg, r)
+  shape = r["A"].shape
+  h = r["h0"][...].astype(_F32) if cfg.has_h0 else jnp.zeros(shape, _F32)
+  n_chunks = r["x"].shape[0] // cfg.chunk
+
+  def body(k, h):
+    base = k * cfg.chunk
+    if "ckpt" in r:
+      r["ckpt"][k] = h
+    return _fwd_chunk(cfg, _gpu_getter(cfg, r, base), _gpu_putter(r, base), h, p,
+                      cfg.chunk)
+
+  h = jax.lax.fori_loop(0, n_chunks, body, h)
+  r["hT"][...] = h
+
+
+def _gpu_bwd_kernel(cfg, in_names, out_names, *refs):
+  r = dict(zip(in_names + out_names, refs))
+  p = _params(cfg, r)
+  shape = r["A"].shape
+  n_chunks = r["x"].shape[0] // cfg.chunk
+  dvec = jnp.zeros((cfg.block_d,), _F32)
+
+  def body(kk, carry):
+    k = n_chunks - 1 - kk
+    base = k * cfg.chunk
+    g, acc = carry
+    return _bwd_chunk(cfg, _gpu_getter(cfg, r, base), _gpu_putter(r, base),
+                      r["ckpt"][k], g, acc, p, cfg.chunk)
+
+  g0 = r["dhT"][...].astype(_F32)
+  g, (d_a, d_d, d_bias) = jax.lax.fori_loop(
+      0, n_chunks, body, (g0, (jnp.zeros(shape, _F32), dvec, dvec)))
+  r["dh0"][...] = g
+  r["dA"][...] = d_a
+  if cfg.has_d:
+    r["dD"][...] = d_d
+  if cfg.has_bias:
+    r["dbias"][...] = d_bias
+
+
+def _tpu_getter(cfg, blocks, k):
+  """Step i of the current chunk from blocks loaded into VMEM values.
+
+  Rows are static sublane slices; columns (b, c) are turned from a [1, N] row
+  into an [N, 1] column with an identity mask and a lane reduction.
+  """
+  n = blocks["b"].shape[1]
+  eye = (jax.lax.broadcasted_iota(jnp.int32, (n, n), 0)
+         == jax.lax.broadcasted_iota(jnp.int32, (n, n), 1)).astype(_F32)
+
+  def get(name, i):
+    if name == "valid":
+      return k * cfg.chunk + i < cfg.seq_len
+    row = blocks[name][i:i + 1, :]
+    if name in ("b", "c"):
+      return jnp.sum(eye * row, axis=1, keepdims=True)
+    return row
+
+  return get
+
+
+def _tpu_putter(scratch):
+  """Rows go to float32 VMEM scratch; n-vectors ([N, 1]) are stored as rows."""
+
+  def put(name, i, val):
+    ref = scratch[name]
+    if val.shape[1] == 1 and ref.shape[1] != 1:  # [N, 1] column -> [1, N] row
+      n = val.shape[0]
+      eye = (jax.lax.broadcasted_iota(jnp.int32, (n, n), 0)
+             == jax.lax.broadcasted_iota(jnp.int32, (n, n), 1)).astype(_F32)
+      val = jnp.sum(eye * val, axis=0, keepdims=True)
+    ref[i:i + 1, :] = val
+
+  return put
+
+
+def _tpu_load_blocks(r, names):
+  return {n: r[n][...].astype(_F32) for n in names if n in r}
+
+
+def _tpu_fwd_kernel(cfg, in_names, out_names, *refs):
+  r = dict(zip(in_names + out_names + ["h_scr", "y_scr"], refs))
+  k = pl.program_id(2)
+
+  @pl.when(k == 0)
+  def _():
+    if cfg.has_h0:
+      r["h_scr"][...] = r["h0"][...].astype(_F32)
+    else:
+      r["h_scr"][...] = jnp.zeros(r["h_scr"].shape, _F32)
+
+  h = r["h_scr"][...]
+  if "ckpt" in r:
+    r["ckpt"][...] = h
+  blocks = _tpu_load_blocks(r, ("x", "dt", "b", "c", "z", "keep"))
+  h = _fwd_chunk(cfg, _tpu_getter(cfg, blocks, k), _tpu_putter({"y": r["y_scr"]}),
+                 h, _params(cfg, r), cfg.chunk)
+  r["h_scr"][...] = h
+  r["y"][...] = r["y_scr"][...].astype(r["y"].dtype)
+
+  @pl.when(k == pl.num_programs(2) - 1)
+  def _():
+    r["hT"][...] = h
+
+
+_TPU_BWD_ROWS = ("dx", "ddt", "dz", "db", "dc")
+
+
+def _tpu_bwd_kernel(cfg, in_names, out_names, *refs):
+  scr_names = ["g_scr"] + [n + "_scr" for n in _TPU_BWD_ROWS]
+  r = dict(zip(in_names + out_names + scr_names, refs))
+  kk = pl.program_id(2)
+  n_chunks = pl.num_programs(2)
+  k = n_chunks - 1 - kk
+
+  @pl.when(kk == 0)
+  def _():
+    r["g_scr"][...] = r["dhT"][...].astype(_F32)
+    r["dA"][...] = jnp.zeros(r["dA"].shape, _F32)
+    for name in ("dD", "dbias"):
+      if name in r:
+        r[name][...] = jnp.zeros(r[name].shape, _F32)
+
+  blocks = _tpu_load_blocks(r, ("x", "dt", "b", "c", "z", "keep", "dy"))
+  scratch = {n: r[n + "_scr"] for n in _TPU_BWD_ROWS}
+  zero_row = jnp.zeros((1, cfg.block_d), _F32)
+  acc = (r["dA"][...], r["dD"][...] if cfg.has_d else zero_row,
+         r["dbias"][...] if cfg.has_bias else zero_row)
+  g, (d_a, d_d, d_bias) = _bwd_chunk(
+      cfg, _tpu_getter(cfg, blocks, k), _tpu_putter(scratch), r["ckpt"][...],
+      r["g_scr"][...], acc, _params(cfg, r), cfg.chunk)
+  r["g_scr"][...] = g
+  r["dA"][...] = d_a
+  if cfg.has_d:
+    r["dD"][...] = d_d
+  if cfg.has_bias:
+    r["dbias"][...] = d_bias
+  for name in _TPU_BWD_ROWS:
+    if name in r:
+      r[name][...] = scratch[name][...].astype(r[name].dtype)
+
+  @pl.when(kk == n_chunks - 1)
+  def _():
+    r["dh0"][...] = g
+
+
+# ------------------------------------------------------------------------------
+# pallas_call builders. Arrays reaching the kernels are padded and laid out:
+#   x, dt, z, dy: [B, Tp, Dp];  b, c: [B, Tp, Np];  A: state layout [Np, Dp] or
+#   [Dp, Np];  h0 / hT / dA: [B, *state];  ckpt: [B, Tp/chunk, *state];
+#   GPU: d_skip, dt_bias [Dp], keep [B, Tp];  TPU: [1, Dp] and [B, Tp, 1].
+
+
+class _Specs:
+  """BlockSpecs for both backends. Grid: GPU (B, nD); TPU (B, nD, nC)."""
+
+  def __init__(self, cfg, n_state, rev=False):
+    self.cfg, self.n = cfg, n_state
+    self.rev = rev
+    self.tpu = cfg.backend == "tpu"
+
+  def _k(self, k, nc):
+    return nc - 1 - k if self.rev else k
+
+  def seq(self, nc):  # [B, Tp, Dp]
+    bd, L = self.cfg.block_d, self.cfg.chunk
+    if self.tpu:
+      return pl.BlockSpec((None, L, bd), lambda b, j, k: (b, self._k(k, nc), j))
+    return pl.BlockSpec((None, L * nc, bd), lambda b, j: (b, 0, j))
+
+  def seq_n(self, nc):  # [B, Tp, Np]
+    L, n = self.cfg.chunk, self.n
+    if self.tpu:
+      return pl.BlockSpec((None, L, n), lambda b, j, k: (b, self._k(k, nc), 0))
+    return pl.BlockSpec((None, L * nc, n), lambda b, j: (b, 0, 0))
+
+  def part_n(self, nc):  # [B, nD, Tp, Np] partial sums over channel blocks
+    L, n = self.cfg.chunk, self.n
+    if self.tpu:
+      return pl.BlockSpec((None, None, L, n), lambda b, j, k: (b, j, self._k(k, nc), 0))
+    return pl.BlockSpec((None, None, L * nc, n), lambda b, j: (b, j, 0, 0))
+
+  def keep(self, nc):
+    L = self.cfg.chunk
+    if self.tpu:
+      return pl.BlockSpec((None, L, 1), lambda b, j, k: (b, self._k(k, nc), 0))
+    return pl.BlockSpec((None, L * nc), lambda b, j: (b, 0))
+
+  def _state_block(self):
+    bd, n = self.cfg.block_d, self.n
+    return ((bd, n), lambda j: (j, 0)) if self.cfg.state_dn else ((n, bd), lambda j: (0, j))
+
+  def a_mat(self):  # A in the state layout
+    shape, idx = self._state_block()
+    if self.tpu:
+      return pl.BlockSpec(shape, lambda b, j, k: idx(j))
+    return pl.BlockSpec(shape, lambda b, j: idx(j))
+
+  def state(self):  # [B, *state]
+    shape, idx = self._state_block()
+    if self.tpu:
+      return pl.BlockSpec((None,) + shape, lambda b, j, k: (b,) + idx(j))
+    return pl.BlockSpec((None,) + shape, lambda b, j: (b,) + idx(j))
+
+  def ckpt(self, nc):  # [B, nC, *state]
+    shape, idx = self._state_block()
+    if self.tpu:
+      return pl.BlockSpec((None, None) + shape,
+                          lambda b, j, k: (b, self._k(k, nc)) + idx(j))
+    return pl.BlockSpec((None, nc) + shape, lambda b, j: (b, 0) + idx(j))
+
+  def chan(self):  # d_skip / dt_bias: GPU [Dp], TPU [1, Dp]
+    bd = self.cfg.block_d
+    if self.tpu:
+      return pl.BlockSpec((1, bd), lambda b, j, k: (0, j))
+    return pl.BlockSpec((bd,), lambda b, j: (j,))
+
+  def chan_b(self):  # per-batch channel partials: GPU [B, Dp], TPU [B, 1, Dp]
+    bd = self.cfg.block_d
+    if self.tpu:
+      return pl.BlockSpec((None, 1, bd), lambda b, j, k: (b, 0, j))
+    return pl.BlockSpec((None, bd), lambda b, j: (b, j))
+
+
+def _compiler_params(cfg):
+  if cfg.backend == "tpu":
+    from jax.experimental.pallas import tpu as pltpu  # pylint: disable=g-import-not-at-top
+    return pltpu.CompilerParams(
+        dimension_semantics=("parallel", "parallel", "arbitrary"))
+  from jax.experimental.pallas import triton as pltr  # pylint: disable=g-import-not-at-top
+  return pltr.CompilerParams(num_warps=cfg.num_warps, num_stages=1)
+
+
+def _in_specs(cfg, sp, ins, nc):
+  table = {
+      "x": sp.seq(nc), "dt": sp.seq(nc), "z": sp.seq(nc), "dy": sp.seq(nc),
+      "b": sp.seq_n(nc), "c": sp.seq_n(nc), "A": sp.a_mat(),
+      "dskip": sp.chan(), "bias": sp.chan(), "h0": sp.state(), "dhT": sp.state(),
+      "keep": sp.keep(nc), "ckpt": sp.ckpt(nc),
+  }
+  return [table[n] for n in ins]
+
+
+def _call(cfg, kernel, sp, ins, outs, scratch, nc):
+  """outs: list of (name, ShapeDtypeStruct, BlockSpec)."""
+  in_names = list(ins)
+  out_names = [o[0] for o in outs]
+  n_d = ins["x"].shape[2] // cfg.block_d
+  grid = (ins["x"].shape[0], n_d, nc) if cfg.backend == "tpu" else (ins["x"].shape[0], n_d)
+  return pl.pallas_call(
+      functools.partial(kernel, cfg, in_names, out_names),
+      out_shape=[o[1] for o in outs],
+      grid=grid,
+      in_specs=_in_specs(cfg, sp, in_names, nc),
+      out_specs=[o[2] for o in outs],
+      scratch_shapes=scratch,
+      compiler_params=_compiler_params(cfg),
+      interpret=cfg.interpret,
+      name="selective_scan_" + ("bwd" if "dy" in ins else "fwd"),
+  )(*[ins[n] for n in in_names])
+
+
+def _n_state(cfg, a_mat):
+  return a_mat.shape[1] if cfg.state_dn else a_mat.shape[0]
+
+
+def _forward_call(cfg, ins, save_ckpt):
+  bsz, tp, dp = ins["x"].shape
+  n = _n_state(cfg, ins["A"])
+  nc = tp // cfg.chunk
+  sp = _Specs(cfg, n)
+  state_shape = (dp, n) if cfg.state_dn else (n, dp)
+  outs = [("y", jax.ShapeDtypeStruct((bsz, tp, dp), ins["x"].dtype), sp.seq(nc)),
+          ("hT", jax.ShapeDtypeStruct((bsz,) + state_shape, _F32), sp.state())]
+  if save_ckpt:
+    outs.append(("ckpt", jax.ShapeDtypeStruct((bsz, nc) + state_shape, _F32),
+                 sp.ckpt(nc)))
+  scratch = []
+  if cfg.backend == "tpu":
+    from jax.experimental.pallas import tpu as pltpu  # pylint: disable=g-import-not-at-top
+    scratch = [pltpu.VMEM((n, cfg.block_d), _F32),
+               pltpu.VMEM((cfg.chunk, cfg.block_d), _F32)]
+  kernel = _tpu_fwd_kernel if cfg.backend == "tpu" else _gpu_fwd_kernel
+  res = _call(cfg, kernel, sp, ins, outs, scratch, nc)
+  return tuple(res) if save_ckpt else tuple(res) + (None,)
+
+
+def _backward_call(cfg, ins):
+  bsz, tp, dp = ins["x"].shape
+  n = _n_state(cfg, ins["A"])
+  nc = tp // cfg.chunk
+  n_d = dp // cfg.block_d
+  tpu = cfg.backend == "tpu"
+  sp = _Specs(cfg, n, rev=tpu)
+  state_shape = (dp, n) if cfg.state_dn else (n, dp)
+  sds = jax.ShapeDtypeStruct
+  chan_b = sds((bsz, 1, dp) if tpu else (bsz, dp), _F32)
+  outs = [("dx", sds((bsz, tp, dp), ins["x"].dtype), sp.seq(nc)),
+          ("ddt", sds((bsz, tp, dp), ins["dt"].dtype), sp.seq(nc))]
+  if cfg.has_z:
+    outs.append(("dz", sds((bsz, tp, dp), ins["z"].dtype), sp.seq(nc)))
+  outs += [("db", sds((bsz, n_d, tp, n), _F32), sp.part_n(nc)),
+           ("dc", sds((bsz, n_d, tp, n), _F32), sp.part_n(nc)),
+           ("dA", sds((bsz,) + state_shape, _F32), sp.state()),
+           ("dh0", sds((bsz,) + state_shape, _F32), sp.state())]
+  if cfg.has_d:
+    outs.append(("dD", chan_b, sp.chan_b()))
+  if cfg.has_bias:
+    outs.append(("dbias", chan_b, sp.chan_b()))
+  scratch = []
+  if tpu:
+    from jax.experimental.pallas import tpu as pltpu  # pylint: disable=g-import-not-at-top
+    L, bd = cfg.chunk, cfg.block_d
+    scratch = [pltpu.VMEM((n, bd), _F32), pltpu.VMEM((L, bd), _F32),
+               pltpu.VMEM((L, bd), _F32), pltpu.VMEM((L, bd), _F32),
+               pltpu.VMEM((L, n), _F32), pltpu.VMEM((L, n), _F32)]
+  kernel = _tpu_bwd_kernel if tpu else _gpu_bwd_kernel
+  res = _call(cfg, kernel, sp, ins, outs, scratch, nc)
+  return dict(zip([o[0] for o in outs], res))
+
+
+# ------------------------------------------------------------------------------
+# Padding, layout and the custom VJP.
+
+
+def _round_up(v, m):
+  return (v + m - 1) // m * m
+
+
+def _pad(arr, axis_sizes):
+  """Zero-pads arr so that arr.shape[axis] == size for each (axis, size)."""
+  widths = [(0, 0)] * arr.ndim
+  for axis, size in axis_sizes:
+    widths[axis] = (0, size - arr.shape[axis])
+  if all(w == (0, 0) for w in widths):
+    return arr
+  return jnp.pad(arr, widths)
+
+
+def _dims(cfg, x, b):
+  bsz, t, d = x.shape
+  n = b.shape[-1]
+  tp = _round_up(t, cfg.chunk)
+  dp = _round_up(d, cfg.block_d)
+  n_p = max(8, pl.next_power_of_2(n)) if cfg.backend == "gpu" else _round_up(n, 8)
+  return bsz, t, d, n, tp, dp, n_p
+
+
+def _to_state(cfg, s_bxdxn):  # [..., D, N] -> kernel state layout
+  return s_bxdxn if cfg.state_dn else jnp.swapaxes(s_bxdxn, -1, -2)
+
+
+def _from_state(cfg, s):
+  return s if cfg.state_dn else jnp.swapaxes(s, -1, -2)
+
+
+def _kernel_inputs(cfg, x, dt, a_mat, b, c, d_skip, z, dt_bias, h0, keep):
+  bsz, _, d, n, tp, dp, n_p = _dims(cfg, x, b)
+  tpu = cfg.backend == "tpu"
+  ins = {
+      "x": _pad(x, [(1, tp), (2, dp)]),
+      "dt": _pad(dt, [(1, tp), (2, dp)]),
+      "b": _pad(b, [(1, tp), (2, n_p)]),
+      "c": _pad(c, [(1, tp), (2, n_p)]),
+      "A": _to_state(cfg, _pad(a_mat.astype(_F32), [(0, dp), (1, n_p)])),
+  }
+  chan = (lambda v: _pad(v.astype(_F32), [(0, dp)]).reshape((1, dp) if tpu else (dp,)))
+  if cfg.has_d:
+    ins["dskip"] = chan(d_skip)
+  if cfg.has_z:
+    ins["z"] = _pad(z, [(1, tp), (2, dp)])
+  if cfg.has_bias:
+    ins["bias"] = chan(dt_bias)
+  if cfg.has_h0:
+    ins["h0"] = _to_state(cfg, _pad(h0.astype(_F32), [(1, dp), (2, n_p)]))
+  if cfg.has_seg:
+    keep = jnp.pad(keep, ((0, 0), (0, tp - keep.shape[1])), constant_values=1.0)
+    ins["keep"] = keep[..., None] if tpu else keep
+  del bsz, d, n
+  return ins
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _scan(cfg, x, dt, a_mat, b, c, d_skip, z, dt_bias, h0, keep):
+  y, h_last, _ = _scan_fwd_impl(cfg, x, dt, a_mat, b, c, d_skip, z, dt_bias, h0,
+                                keep, save_ckpt=False)
+  return y, h_last
+
+
+def _scan_fwd_impl(cfg, x, dt, a_mat, b, c, d_skip, z, dt_bias, h0, keep, save_ckpt):
+  _, t, d, n, _, _, _ = _dims(cfg, x, b)
+  ins = _kernel_inputs(cfg, x, dt, a_mat, b, c, d_skip, z, dt_bias, h0, keep)
+  y, h_last, ckpt = _forward_call(cfg, ins, save_ckpt)
+  return y[:, :t, :d], _from_state(cfg, h_last)[:, :d, :n], ckpt
+
+
+def _scan_fwd(cfg, x, dt, a_mat, b, c, d_skip, z, dt_bias, h0, keep):
+  y, h_last, ckpt = _scan_fwd_impl(cfg, x, dt, a_mat, b, c, d_skip, z, dt_bias, h0,
+                                   keep, save_ckpt=True)
+  return (y, h_last), (x, dt, a_mat, b, c, d_skip, z, dt_bias, h0, keep, ckpt)
+
+
+def _scan_bwd(cfg, res, cts):
+  x, dt, a_mat, b, c, d_skip, z, dt_bias, h0, keep, ckpt = res
+  dy, dh_last = cts
+  _, t, d, n, tp, dp, n_p = _dims(cfg, x, b)
+  ins = _kernel_inputs(cfg, x, dt, a_mat, b, c, d_skip, z, dt_bias, h0, keep)
+  ins.pop("h0", None)
+  ins["ckpt"] = ckpt
+  ins["dy"] = _pad(dy.astype(x.dtype), [(1, tp), (2, dp)])
+  ins["dhT"] = _to_state(cfg, _pad(dh_last.astype(_F32), [(1, dp), (2, n_p)]))
+  out = _backward_call(cfg, ins)
+  seq = lambda v: v[:, :t, :d]
+  chan = lambda v, like: v.reshape(-1, dp).sum(0)[:d].astype(like.dtype)
+  grads = (
+      seq(out["dx"]).astype(x.dtype),
+      seq(out["ddt"]).astype(dt.dtype),
+      _from_state(cfg, out["dA"].sum(0))[:d, :n].astype(a_mat.dtype),
+      out["db"].sum(1)[:, :t, :n].astype(b.dtype),
+      out["dc"].sum(1)[:, :t, :n].astype(c.dtype),
+      chan(out["dD"], d_skip) if cfg.has_d else None,
+      seq(out["dz"]).astype(z.dtype) if cfg.has_z else None,
+      chan(out["dbias"], dt_bias) if cfg.has_bias else None,
+      _from_state(cfg, out["dh0"])[:, :d, :n].astype(h0.dtype) if cfg.has_h0 else None,
+      None,
+  )
+  return grads
+
+
+_scan.defvjp(_scan_fwd, _scan_bwd)
+
+
+# ------------------------------------------------------------------------------
+# Public entry point.
+
+_DEFAULTS = {  # backend -> (block_d, chunk, sub, num_warps, state_dn)
+    "tpu": (512, 64, 8, 4, False),
+    "gpu": (64, 64, 8, 4, False),
+}
+
+
+def _pick_backend(backend, interpret):
+  if backend is not None:
+    if backend not in ("tpu", "gpu"):
+      raise ValueError(f"backend must be None, 'tpu' or 'gpu', got {backend!r}.")
+    return backend
+  platform = jax.default_backend()
+  if platform == "tpu":
+    return "tpu"
+  if platform in ("gpu", "cuda", "rocm"):
+    return "gpu"
+  if interpret:
+    return "tpu"
+  raise ValueError(
+      f"selective_scan_pallas needs a TPU or GPU (default backend is {platform!r}); "
+      "pass interpret=True to run the kernel in interpret mode, or use the XLA forms "
+      "in dense_ssm.ops.selective_scan.")
+
+
+def _check_shapes(x, dt, a_mat, b, c, d_skip, z, dt_bias, h0, segment_ids):
+  if x.ndim != 3:
+    raise ValueError(f"x must be [B, T, D], got shape {x.shape}.")
+  bsz, t, d = x.shape
+  n = a_mat.shape[-1] if a_mat.ndim == 2 else -1
+  expect = {
+      "dt": (dt, (bsz, t, d)), "A": (a_mat, (d, n)), "b": (b, (bsz, t, n)),
+      "c": (c, (bsz, t, n)), "d_skip": (d_skip, (d,)), "z": (z, (bsz, t, d)),
+      "dt_bias": (dt_bias, (d,)), "initial_state": (h0, (bsz, d, n)),
+      "segment_ids": (segment_ids, (bsz, t)),
+  }
+  for name, (arr, shape) in expect.items():
+    if arr is not None and tuple(arr.shape) != shape:
+      raise ValueError(
+          f"{name} has shape {tuple(arr.shape)}, expected {shape} for x of shape "
+          f"{x.shape} and A of shape {a_mat.shape} ([D, N]).")
+
+
+def selective_scan_pallas(x, dt, A, b, c, *, d_skip=None, z=None, dt_bias=None,
+                          dt_softplus=True, initial_state=None, segment_ids=None,
+                          backend=None, interpret=False, block_d=None, chunk=None,
+                          sub_chunk=None, num_warps=None, state_dn=None):
+  """Fused selective scan (see the module docstring for the math).
+
+  Args:
+    x: [B, T, D] input (any float dtype; y comes back in this dtype).
+    dt: [B, T, D] raw step sizes (before dt_bias and softplus).
+    A: [D, N] negative state matrix (= -exp(A_log)).
+    b, c: [B, T, N] input / output projections.
+    d_skip: optional [D] skip term.
+    z: optional [B, T, D] gate; y *= silu(z).
+    dt_bias: optional [D], added to dt before the softplus.
+    dt_softplus: apply softplus to dt + dt_bias (else use it as is).
+    initial_state: optional [B, D, N] float32 state before token 0.
+    segment_ids: optional [B, T] int; the state resets before token t > 0 whose
+      segment id differs from token t-1's.
+    backend: "tpu", "gpu" or None (from jax.default_backend(); on CPU with
+      interpret=True the TPU form is used).
+    interpret: run the Pallas kernels in interpret mode (CPU tests).
+    block_d: channels per kernel block (TPU: multiple of 128; GPU: power of 2).
+    chunk: time steps per chunk (checkpoint spacing; TPU: multiple of 16).
+    sub_chunk, num_warps, state_dn: tuning knobs (backward sub-chunk length,
+      GPU warps per program, GPU state layout [block_d, N]); None = defaults.
+
+  Returns:
+    (y [B, T, D] in x.dtype, final_state [B, D, N] float32).
+  """
+  _check_shapes(x, dt, A, b, c, d_skip, z, dt_bias, initial_state, segment_ids)
+  backend = _pick_backend(backend, interpret)
+  d_bd, d_chunk, d_sub, d_warps, d_dn = _DEFAULTS[backend]
+  bsz, t, d = x.shape
+  block_d = block_d or d_bd
+  if backend == "tpu":
+    block_d = min(block_d, _round_up(d, 128))
+    if block_d % 128:
+      raise ValueError(f"block_d must be a multiple of 128 on TPU, got {block_d}.")
+  else:
+    block_d = min(block_d, max(16, pl.next_power_of_2(d)))
+    if block_d & (block_d - 1):
+      raise ValueError(f"block_d must be a power of 2 on GPU, got {block_d}.")
+  chunk = chunk or d_chunk
+  chunk = min(chunk, _round_up(t, 16))
+  if chunk % 16:
+    raise ValueError(f"chunk must be a multiple of 16, got {chunk}.")
+  cfg = ScanConfig(
+      backend=backend, seq_len=t, chunk=chunk, sub=min(sub_chunk or d_sub, chunk),
+      block_d=block_d, has_d=d_skip is not None, has_z=z is not None,
+      has_bias=dt_bias is not None, has_h0=initial_state is not None,
+      has_seg=segment_ids is not None, softplus=bool(dt_softplus),
+      interpret=bool(interpret), num_warps=num_warps or d_warps,
+      state_dn=bool(d_dn if state_dn is None else state_dn) and backend == "gpu")
+  keep = None
+  if segment_ids is not None:
+    same = segment_ids[:, 1:] == segment_ids[:, :-1]
+    keep = jnp.concatenate([jnp.ones((bsz, 1), bool), same], axis=1).astype(_F32)
+  return _scan(cfg, x, dt, A, b, c, d_skip, z, dt_bias, initial_state, keep)
