@@ -1,0 +1,308 @@
+"""GPU kernel benchmarks, one function per op (`OPS`); run on a GPU machine:
+
+    python benchmarks/kernels.py --out DIR [--ops retention] [--quick]
+
+Each op function checks correctness against a float32 reference first, then times fwd and fwd+bwd
+(median over many repetitions after warm-up, inputs rotated over fresh random sets) and returns
+rows: ms, ratio to the op's anchor, and the share of the FLOP/byte floor (floor time / measured
+time, with the ceilings measured on the H200: bf16 dense matmul ~790 TFLOP/s, copy ~4.3 TB/s).
+A table is printed last and all rows are written to DIR/kernels.json.
+
+Retention anchor: flash-linear-attention's `chunk_retention` (fla-core; layout [B,T,H,D],
+scale=1.0, the same RetNet decays); compared with our Pallas kernel and the XLA chunkwise form.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+import traceback
+
+os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.45")  # leave room for torch
+
+import jax  # pylint: disable=g-import-not-at-top
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+PEAK_FLOPS = 790e12  # bf16 dense matmul measured on this H200 kind (KINDS.md)
+PEAK_BYTES = 4.3e12  # device-to-device copy, bytes read + written
+SMOKE = False  # --smoke: tiny shapes in the Pallas interpreter (CPU dry run of this script)
+
+
+# ----------------------------------------------------------------------------------------------
+# Timing and error helpers (shared by all ops).
+# ----------------------------------------------------------------------------------------------
+
+
+def rel_err(a, b):
+  a = np.asarray(a, np.float64)
+  b = np.asarray(b, np.float64)
+  if not np.all(np.isfinite(a)):
+    return float("nan")
+  return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+def time_jax(fn, arg_sets, warmup=3, reps=20, inner=5):
+  """Median ms per call; each rep runs `inner` async calls over rotating inputs, then blocks."""
+  for i in range(warmup):
+    jax.block_until_ready(fn(*arg_sets[i % len(arg_sets)]))
+  times = []
+  for r in range(reps):
+    t0 = time.perf_counter()
+    out = None
+    for i in range(inner):
+      out = fn(*arg_sets[(r * inner + i) % len(arg_sets)])
+    jax.block_until_ready(out)
+    times.append((time.perf_counter() - t0) / inner * 1e3)
+  return statistics.median(times)
+
+
+def time_torch(fn, arg_sets, warmup=3, reps=20, inner=5):
+  import torch  # pylint: disable=g-import-not-at-top
+  for i in range(warmup):
+    fn(*arg_sets[i % len(arg_sets)])
+  torch.cuda.synchronize()
+  times = []
+  for r in range(reps):
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for i in range(inner):
+      fn(*arg_sets[(r * inner + i) % len(arg_sets)])
+    end.record()
+    torch.cuda.synchronize()
+    times.append(start.elapsed_time(end) / inner)
+  return statistics.median(times)
+
+
+def floor_ms(flops, nbytes):
+  return max(flops / PEAK_FLOPS, nbytes / PEAK_BYTES) * 1e3
+
+
+def _try(label, fn, default=None):
+  try:
+    return fn()
+  except Exception as e:  # pylint: disable=broad-except
+    print(f"  [{label}] failed: {type(e).__name__}: {str(e).splitlines()[0][:300]}", flush=True)
+    traceback.print_exc(limit=3)
+    return default
+
+
+def _to_torch(x):
+  import torch  # pylint: disable=g-import-not-at-top
+  return torch.from_dlpack(x)
+
+
+# ----------------------------------------------------------------------------------------------
+# Retention.
+# ----------------------------------------------------------------------------------------------
+
+RETENTION_SHAPES = [(8, 2048, 8, 128, 256), (4, 8192, 16, 128, 128), (8, 2048, 2, 384, 1536),
+                    (8, 2048, 4, 320, 1280)]
+# Tile / chunk variants of our kernel tried at each shape (the default first).
+RETENTION_VARIANTS = {
+    "default": dict(),
+    "budget8k_w4": dict(tuning=(("budget", 8192), ("num_warps", 4))),
+    "budget8k_w8": dict(tuning=(("budget", 8192), ("num_warps", 8))),
+    "stages3": dict(tuning=(("num_stages", 3),)),
+    "chunk32": dict(chunk_size=32),
+}
+
+
+def _retention_cost(b, t, h, dk, dv, c=64):
+  """(flops fwd, flops fwd+bwd, bytes fwd, bytes fwd+bwd) of the chunked algorithm, bf16 I/O."""
+  fwd = b * h * (2 * t * c * dk + 2 * t * c * dv + 4 * t * dk * dv)
+  e_qk, e_v = b * t * h * dk, b * t * h * dv
+  return fwd, 3 * fwd, 2 * (2 * e_qk + 2 * e_v), 2 * (6 * e_qk + 5 * e_v)
+
+
+def _retention_check_features():
+  """Small GPU check of the paths the timed shapes skip: per-token decay, segments, h0, ragged T."""
+  from dense_ssm.ops import retention, retnet_log_decay  # pylint: disable=g-import-not-at-top
+  from dense_ssm.ops.retention_pallas import retention_pallas  # pylint: disable=g-import-not-at-top
+  rows = []
+  for dtype in (jnp.float32, jnp.bfloat16):
+    b, t, h, dk, dv = 2, 300, 3, 96, 160
+    ks = jax.random.split(jax.random.PRNGKey(7), 8)
+    q = jax.random.normal(ks[0], (b, t, h, dk)) * dk ** -0.5
+    k = jax.random.normal(ks[1], (b, t, h, dk)) * dk ** -0.5
+    v = jax.random.normal(ks[2], (b, t, h, dv))
+    g = -jax.nn.softplus(jax.random.normal(ks[3], (b, t, h)) + 1.0)
+    h0 = jax.random.normal(ks[4], (b, h, dk, dv))
+    seg = jnp.cumsum(jax.random.uniform(ks[5], (b, t)) < 0.02, axis=1).astype(jnp.int32)
+    do = jax.random.normal(ks[6], (b, t, h, dv))
+    dht = jax.random.normal(ks[7], (b, h, dk, dv))
+    qc, kc, vc = (x.astype(dtype) for x in (q, k, v))
+
+    def grads(fn, *xs):
+      (o, s), vjp = jax.vjp(fn, *xs)
+      return (o, s) + vjp((do.astype(o.dtype), dht))
+
+    ours = jax.jit(lambda *xs: grads(lambda q, k, v, g, h0: retention_pallas(
+        q, k, v, g, initial_state=h0, segment_ids=seg, interpret=SMOKE), *xs))(qc, kc, vc, g, h0)
+    with jax.default_matmul_precision("float32"):
+      ref = jax.jit(lambda *xs: grads(lambda q, k, v, g, h0: retention(
+          q, k, v, g, initial_state=h0, segment_ids=seg, impl="reference"), *xs))(
+              *(x.astype(jnp.float32) for x in (qc, kc, vc)), g, h0)
+    errs = {n: rel_err(a, r) for n, a, r in zip(("o", "S", "dq", "dk", "dv", "dg", "dh0"), ours,
+                                                 ref)}
+    print(f"  features check {jnp.dtype(dtype).name}: "
+          + " ".join(f"{n}={e:.1e}" for n, e in errs.items()), flush=True)
+    rows.append(dict(op="retention", check="features", dtype=jnp.dtype(dtype).name, **errs))
+  return rows
+
+
+def bench_retention(quick=False):
+  """Retention rows: ours (Pallas), XLA chunkwise, fla chunk_retention; fwd and fwd+bwd."""
+  from dense_ssm.ops import retention, retnet_log_decay  # pylint: disable=g-import-not-at-top
+  from dense_ssm.ops.retention_pallas import retention_pallas  # pylint: disable=g-import-not-at-top
+  try:
+    import torch  # pylint: disable=g-import-not-at-top
+    from fla.ops.retention import chunk_retention  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    print(f"  fla unavailable ({e}); timing ours and XLA only", flush=True)
+    chunk_retention = None
+
+  rows = _try("features check", _retention_check_features, []) or []
+  shapes = RETENTION_SHAPES[:1] if quick else RETENTION_SHAPES
+  if SMOKE:
+    shapes = [(2, 128, 2, 64, 128)]
+  for si, (b, t, h, dk, dv) in enumerate(shapes):
+    name = f"B{b} T{t} H{h} K{dk} V{dv}"
+    print(f"retention {name}", flush=True)
+    log_decay = retnet_log_decay(h)
+    fl_f, fl_fb, by_f, by_fb = _retention_cost(b, t, h, dk, dv)
+    floor_f, floor_fb = floor_ms(fl_f, by_f), floor_ms(fl_fb, by_fb)
+
+    def make(seed):
+      ks = jax.random.split(jax.random.PRNGKey(seed), 4)
+      q = (jax.random.normal(ks[0], (b, t, h, dk)) * dk ** -0.5).astype(jnp.bfloat16)
+      k = (jax.random.normal(ks[1], (b, t, h, dk)) * dk ** -0.5).astype(jnp.bfloat16)
+      v = jax.random.normal(ks[2], (b, t, h, dv)).astype(jnp.bfloat16)
+      do = jax.random.normal(ks[3], (b, t, h, dv)).astype(jnp.bfloat16)
+      return q, k, v, do
+
+    sets = [make(100 * si + i) for i in range(2)]
+
+    def jax_fns(core):
+      fwd = jax.jit(lambda q, k, v, do: core(q, k, v)[0])
+      def fb(q, k, v, do):
+        o, vjp = jax.vjp(lambda q, k, v: core(q, k, v)[0], q, k, v)
+        return vjp(do)
+      return fwd, jax.jit(fb)
+
+    impls = {}
+    for vname, var in RETENTION_VARIANTS.items():
+      if quick and vname != "default":
+        continue
+      impls[f"pallas/{vname}"] = jax_fns(
+          lambda q, k, v, var=var: retention_pallas(
+              q, k, v, log_decay, chunk_size=var.get("chunk_size", 64),
+              interpret=SMOKE, _tuning=var.get("tuning", ())))
+    impls["xla_chunkwise"] = jax_fns(
+        lambda q, k, v: retention(q, k, v, log_decay, impl="chunkwise"))
+
+    # Correctness first: float32 reference (chunkwise form on float32 inputs, exact matmuls).
+    q, k, v, do = sets[0]
+    with jax.default_matmul_precision("float32"):
+      _, ref_fb = impls["xla_chunkwise"]
+      ref_o = jax.jit(lambda q, k, v: retention(
+          q, k, v, log_decay, impl="chunkwise")[0])(*(x.astype(jnp.float32) for x in (q, k, v)))
+      ref_g = ref_fb(*(x.astype(jnp.float32) for x in (q, k, v, do)))
+    ref = [ref_o] + list(ref_g)
+
+    results = {}
+    for iname, (fwd, fb) in impls.items():
+      def run(fwd=fwd, fb=fb):
+        got = [fwd(q, k, v, do)] + list(fb(q, k, v, do))
+        errs = [rel_err(a, r) for a, r in zip(got, ref)]
+        ms_f = time_jax(fwd, sets)
+        ms_fb = time_jax(fb, sets)
+        return errs, ms_f, ms_fb
+      res = _try(iname, run)
+      if res is not None:
+        results[iname] = res
+        print(f"  {iname:24s} fwd {res[1]:8.3f} ms  fwd+bwd {res[2]:8.3f} ms  err o/dq/dk/dv "
+              + "/".join(f"{e:.1e}" for e in res[0]), flush=True)
+
+    if chunk_retention is not None:
+      def fla_run():
+        tsets = [tuple(_to_torch(x) for x in s) for s in sets]
+        for s in tsets:
+          for x in s[:3]:
+            x.requires_grad_(True)
+        f_fwd = lambda q, k, v, do: chunk_retention(q, k, v, scale=1.0)[0]
+        def f_fb(q, k, v, do):
+          o, _ = chunk_retention(q, k, v, scale=1.0)
+          return torch.autograd.grad(o, (q, k, v), do)
+        tq, tk, tv, tdo = tsets[0]
+        got = [f_fwd(tq, tk, tv, tdo).detach()] + list(f_fb(tq, tk, tv, tdo))
+        errs = [rel_err(x.float().cpu().numpy(), r) for x, r in zip(got, ref)]
+        return errs, time_torch(f_fwd, tsets), time_torch(f_fb, tsets)
+      res = _try("fla", fla_run)
+      if res is not None:
+        results["fla_chunk_retention"] = res
+        print(f"  {'fla_chunk_retention':24s} fwd {res[1]:8.3f} ms  fwd+bwd {res[2]:8.3f} ms  "
+              "err o/dq/dk/dv " + "/".join(f"{e:.1e}" for e in res[0]), flush=True)
+
+    anchor = results.get("fla_chunk_retention")
+    for iname, (errs, ms_f, ms_fb) in results.items():
+      rows.append(dict(
+          op="retention", shape=name, impl=iname, ms_fwd=ms_f, ms_fwd_bwd=ms_fb,
+          ratio_fwd=(ms_f / anchor[1]) if anchor else None,
+          ratio_fwd_bwd=(ms_fb / anchor[2]) if anchor else None,
+          floor_ms_fwd=floor_f, floor_ms_fwd_bwd=floor_fb,
+          floor_share_fwd=floor_f / ms_f, floor_share_fwd_bwd=floor_fb / ms_fb,
+          err_o=errs[0], err_dq=errs[1], err_dk=errs[2], err_dv=errs[3]))
+  return rows
+
+
+# ----------------------------------------------------------------------------------------------
+# Driver.
+# ----------------------------------------------------------------------------------------------
+
+OPS = {"retention": bench_retention}
+
+
+def print_table(rows):
+  print("\n| op | shape | impl | fwd ms | fwd+bwd ms | x anchor (fwd, f+b) | floor share (fwd, f+b) "
+        "| rel err o / dq |")
+  print("|---|---|---|---|---|---|---|---|")
+  for r in rows:
+    if "impl" not in r:
+      continue
+    ratio = ("-" if r["ratio_fwd"] is None
+             else f"{r['ratio_fwd']:.2f}, {r['ratio_fwd_bwd']:.2f}")
+    print(f"| {r['op']} | {r['shape']} | {r['impl']} | {r['ms_fwd']:.3f} | {r['ms_fwd_bwd']:.3f} "
+          f"| {ratio} | {r['floor_share_fwd']:.0%}, {r['floor_share_fwd_bwd']:.0%} "
+          f"| {r['err_o']:.1e} / {r['err_dq']:.1e} |")
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--out", default=os.environ.get("OUT", "."))
+  parser.add_argument("--ops", default=",".join(OPS))
+  parser.add_argument("--quick", action="store_true", help="first shape, default config only")
+  parser.add_argument("--smoke", action="store_true", help="tiny shapes, Pallas interpreter (CPU)")
+  args = parser.parse_args()
+  global SMOKE
+  SMOKE = args.smoke
+  print(f"jax {jax.__version__}, devices {jax.devices()}", flush=True)
+  rows = []
+  for op in args.ops.split(","):
+    rows += OPS[op](quick=args.quick)
+  print_table(rows)
+  os.makedirs(args.out, exist_ok=True)
+  meta = dict(date=time.strftime("%Y-%m-%d %H:%M:%S"), jax=jax.__version__,
+              device=str(jax.devices()[0].device_kind), argv=sys.argv)
+  with open(os.path.join(args.out, "kernels.json"), "w") as f:
+    json.dump(dict(meta=meta, rows=rows), f, indent=1)
+
+
+if __name__ == "__main__":
+  main()
