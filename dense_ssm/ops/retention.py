@@ -26,6 +26,11 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+
+def _f32(a):
+  """At least float32 (bf16 -> f32; f64 stays f64 so float64 gradient checks are exact)."""
+  return a.astype(jnp.promote_types(a.dtype, jnp.float32))
+
 IMPLS = ("auto", "reference", "parallel", "chunkwise", "xla", "pallas")
 
 
@@ -53,7 +58,7 @@ def _check(q, k, v, log_decay, initial_state, segment_ids):
 
 def _per_token_log_decay(log_decay, b, t):
   """[H] or [B,T,H] -> float32 [B,T,H]."""
-  log_decay = log_decay.astype(jnp.float32)
+  log_decay = _f32(log_decay)
   if log_decay.ndim == 1:
     log_decay = jnp.broadcast_to(log_decay, (b, t, log_decay.shape[0]))
   return log_decay
@@ -72,15 +77,15 @@ def _retention_reference(q, k, v, log_decay, initial_state, segment_ids):
   dv = v.shape[-1]
   g_BxTxH = _per_token_log_decay(log_decay, b, t)
   keep_BxTxH = jnp.broadcast_to(~reset_mask(segment_ids, b, t)[..., None], (b, t, h))
-  s0 = (jnp.zeros((b, h, dk, dv), jnp.float32) if initial_state is None
-        else initial_state.astype(jnp.float32))
+  s0 = (jnp.zeros((b, h, dk, dv), jnp.promote_types(q.dtype, jnp.float32)) if initial_state is None
+        else _f32(initial_state))
 
   def step(s_BxHxKxV, inp):
     q_t, k_t, v_t, g_t, keep_t = inp
     a = jnp.exp(g_t) * keep_t
     s_BxHxKxV = a[..., None, None] * s_BxHxKxV + jnp.einsum(
-        "bhk,bhv->bhkv", k_t.astype(jnp.float32), v_t.astype(jnp.float32))
-    o_t = jnp.einsum("bhk,bhkv->bhv", q_t.astype(jnp.float32), s_BxHxKxV)
+        "bhk,bhv->bhkv", _f32(k_t), _f32(v_t))
+    o_t = jnp.einsum("bhk,bhkv->bhv", _f32(q_t), s_BxHxKxV)
     return s_BxHxKxV, o_t
 
   xs = tuple(jnp.moveaxis(a, 1, 0) for a in (q, k, v, g_BxTxH, keep_BxTxH))
@@ -110,14 +115,14 @@ def _retention_parallel(q, k, v, log_decay, initial_state, segment_ids):
   g_BxTxH = _per_token_log_decay(log_decay, b, t)
   same = _same_segment(segment_ids, b, t)
   d_BxHxTxT, cum_BxHxT = _decay_matrix(g_BxTxH, same)
-  qf, kf, vf = (a.astype(jnp.float32) for a in (q, k, v))
+  qf, kf, vf = (_f32(a) for a in (q, k, v))
   a_BxHxTxT = jnp.einsum("bihk,bjhk->bhij", qf, kf) * d_BxHxTxT
   o = jnp.einsum("bhij,bjhv->bihv", a_BxHxTxT, vf)
   # Final state: tokens of the last document, decayed to T-1.
   w_BxHxT = d_BxHxTxT[:, :, -1, :]
   final = jnp.einsum("bht,bthk,bthv->bhkv", w_BxHxT, kf, vf)
   if initial_state is not None:
-    s0 = initial_state.astype(jnp.float32)
+    s0 = _f32(initial_state)
     first_doc_BxT = same[:, :, 0]  # tokens still in the first document
     w0_BxHxT = jnp.exp(cum_BxHxT) * first_doc_BxT[:, None, :]
     o = o + jnp.einsum("bthk,bhkv,bht->bthv", qf, s0, w0_BxHxT)
@@ -148,7 +153,7 @@ def _retention_chunkwise(q, k, v, log_decay, initial_state, segment_ids, chunk_s
   # Padding: zero q/k/v and zero log-decay, same segment as the last token: the state is unchanged.
   q, k, v, g_BxTxH = (_pad_time(a, pad) for a in (q, k, v, g_BxTxH))
   seg_BxT = _pad_time(seg_BxT, pad, mode="edge")
-  qf, kf, vf = (a.astype(jnp.float32).reshape(b, n, c, h, -1) for a in (q, k, v))
+  qf, kf, vf = (_f32(a).reshape(b, n, c, h, -1) for a in (q, k, v))
   g_BxNxCxH = g_BxTxH.reshape(b, n, c, h)
   seg_BxNxC = seg_BxT.reshape(b, n, c)
   # Segment of the token before each chunk (the first chunk continues the initial state's segment).
@@ -173,8 +178,8 @@ def _retention_chunkwise(q, k, v, log_decay, initial_state, segment_ids, chunk_s
   kv_BxNxHxKxV = jnp.einsum("bnhc,bnchk,bnchv->bnhkv", w_end_BxNxHxC, kf, vf)
   a_BxNxH = jnp.exp(cum_BxNxHxC[..., -1]) * carry_in_BxNxC[..., -1:]
 
-  s0 = (jnp.zeros((b, h, dk, dv), jnp.float32) if initial_state is None
-        else initial_state.astype(jnp.float32))
+  s0 = (jnp.zeros((b, h, dk, dv), jnp.promote_types(q.dtype, jnp.float32)) if initial_state is None
+        else _f32(initial_state))
 
   def step(s_BxHxKxV, inp):
     a_BxH, kv = inp
@@ -226,13 +231,13 @@ def _auto_impl() -> str:
 
 def retention_step(q_BxHxK, k_BxHxK, v_BxHxV, log_decay, state_BxHxKxV, reset_B=None):
   """One recurrent step (decode). log_decay: [H] or [B,H]. Returns (o [B,H,V], new state)."""
-  a = jnp.exp(log_decay.astype(jnp.float32))
+  a = jnp.exp(_f32(log_decay))
   a = jnp.broadcast_to(a, state_BxHxKxV.shape[:2])
   if reset_B is not None:
     a = a * (~reset_B)[:, None]
   state = a[..., None, None] * state_BxHxKxV + jnp.einsum(
-      "bhk,bhv->bhkv", k_BxHxK.astype(jnp.float32), v_BxHxV.astype(jnp.float32))
-  o = jnp.einsum("bhk,bhkv->bhv", q_BxHxK.astype(jnp.float32), state)
+      "bhk,bhv->bhkv", _f32(k_BxHxK), _f32(v_BxHxV))
+  o = jnp.einsum("bhk,bhkv->bhv", _f32(q_BxHxK), state)
   return o.astype(v_BxHxV.dtype), state
 
 
@@ -248,7 +253,7 @@ def retention_parallel_normalized(q, k, v, log_decay_H, *, segment_ids=None):
   g_BxTxH = _per_token_log_decay(log_decay_H, b, t)
   same = _same_segment(segment_ids, b, t)
   d_BxHxTxT, _ = _decay_matrix(g_BxTxH, same)
-  qf, kf, vf = (a.astype(jnp.float32) for a in (q, k, v))
+  qf, kf, vf = (_f32(a) for a in (q, k, v))
   final = jnp.einsum("bht,bthk,bthv->bhkv", d_BxHxTxT[:, :, -1, :], kf, vf)
   d_BxHxTxT = d_BxHxTxT / jnp.sqrt(d_BxHxTxT.sum(-1, keepdims=True))
   a_BxHxTxT = jnp.einsum("bihk,bjhk->bhij", qf, kf) * d_BxHxTxT

@@ -20,6 +20,11 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+
+def _f32(a):
+  """At least float32 (bf16 -> f32; f64 stays f64 so float64 gradient checks are exact)."""
+  return a.astype(jnp.promote_types(a.dtype, jnp.float32))
+
 IMPLS = ("auto", "sequential", "reference", "associative", "xla", "pallas")
 
 
@@ -38,32 +43,32 @@ def _check(x, dt, a, b, c, initial_state, segment_ids):
 
 def discretize(x, dt, a, b, segment_ids, dt_bias, dt_softplus):
   """Returns per-token decay and input terms, float32: (decay [B,T,D,N], inp [B,T,D,N])."""
-  delta = dt.astype(jnp.float32)
+  delta = _f32(dt)
   if dt_bias is not None:
-    delta = delta + dt_bias.astype(jnp.float32)
+    delta = delta + _f32(dt_bias)
   if dt_softplus:
     delta = jax.nn.softplus(delta)
-  decay = jnp.exp(delta[..., None] * a.astype(jnp.float32))
+  decay = jnp.exp(delta[..., None] * _f32(a))
   if segment_ids is not None:
     reset = jnp.concatenate(
         [jnp.zeros_like(segment_ids[:, :1], bool), segment_ids[:, 1:] != segment_ids[:, :-1]], 1)
     decay = decay * (~reset)[..., None, None]
-  inp = (delta * x.astype(jnp.float32))[..., None] * b.astype(jnp.float32)[:, :, None, :]
+  inp = (delta * _f32(x))[..., None] * _f32(b)[:, :, None, :]
   return decay, inp
 
 
 def _finish(y, x, d_skip, z):
   if d_skip is not None:
-    y = y + d_skip.astype(jnp.float32) * x.astype(jnp.float32)
+    y = y + _f32(d_skip) * _f32(x)
   if z is not None:
-    y = y * jax.nn.silu(z.astype(jnp.float32))
+    y = y * jax.nn.silu(_f32(z))
   return y.astype(x.dtype)
 
 
 def _scan_sequential(x, dt, a, b, c, h0, segment_ids, dt_bias, dt_softplus):
-  delta = dt.astype(jnp.float32)
+  delta = _f32(dt)
   if dt_bias is not None:
-    delta = delta + dt_bias.astype(jnp.float32)
+    delta = delta + _f32(dt_bias)
   if dt_softplus:
     delta = jax.nn.softplus(delta)
   bsz, t, _ = x.shape
@@ -72,7 +77,7 @@ def _scan_sequential(x, dt, a, b, c, h0, segment_ids, dt_bias, dt_softplus):
   else:
     reset_BxT = jnp.concatenate(
         [jnp.zeros((bsz, 1), bool), segment_ids[:, 1:] != segment_ids[:, :-1]], 1)
-  af = a.astype(jnp.float32)
+  af = _f32(a)
 
   def step(h_BxDxN, inp):
     x_t, d_t, b_t, c_t, r_t = inp
@@ -80,7 +85,7 @@ def _scan_sequential(x, dt, a, b, c, h0, segment_ids, dt_bias, dt_softplus):
     h_BxDxN = decay * h_BxDxN + (d_t * x_t)[..., None] * b_t[:, None, :]
     return h_BxDxN, jnp.einsum("bdn,bn->bd", h_BxDxN, c_t)
 
-  xs = (x.astype(jnp.float32), delta, b.astype(jnp.float32), c.astype(jnp.float32), reset_BxT)
+  xs = (_f32(x), delta, _f32(b), _f32(c), reset_BxT)
   h, y_TxBxD = jax.lax.scan(step, h0, tuple(jnp.moveaxis(u, 1, 0) for u in xs))
   return jnp.moveaxis(y_TxBxD, 0, 1), h
 
@@ -113,7 +118,7 @@ def _scan_associative(x, dt, a, b, c, h0, segment_ids, dt_bias, dt_softplus, chu
   nc = (t + pad) // ch
   decay = decay.reshape(bsz, nc, ch, d, n)
   inp = inp.reshape(bsz, nc, ch, d, n)
-  cf = pad_t(c).astype(jnp.float32).reshape(bsz, nc, ch, n)
+  cf = _f32(pad_t(c)).reshape(bsz, nc, ch, n)
 
   def chunk(h_BxDxN, xs):
     dec, u, c_chunk = xs
@@ -144,8 +149,9 @@ def selective_scan(x, dt, a, b, c, *, d_skip=None, z=None, dt_bias=None, dt_soft
   """
   _check(x, dt, a, b, c, initial_state, segment_ids)
   bsz, _, d = x.shape
-  h0 = (jnp.zeros((bsz, d, a.shape[-1]), jnp.float32) if initial_state is None
-        else initial_state.astype(jnp.float32))
+  h0 = (jnp.zeros((bsz, d, a.shape[-1]), jnp.promote_types(x.dtype, jnp.float32))
+        if initial_state is None
+        else _f32(initial_state))
   if impl == "auto":
     impl = "associative"
   if impl in ("sequential", "reference"):
@@ -166,8 +172,9 @@ def selective_scan_states(x, dt, a, b, *, dt_bias=None, dt_softplus=True, initia
                           segment_ids=None, chunk_size=128):
   """All per-token states h_t [B,T,D,N] (float32): used by DenseMamba's state-level variant."""
   bsz, _, d = x.shape
-  h0 = (jnp.zeros((bsz, d, a.shape[-1]), jnp.float32) if initial_state is None
-        else initial_state.astype(jnp.float32))
+  h0 = (jnp.zeros((bsz, d, a.shape[-1]), jnp.promote_types(x.dtype, jnp.float32))
+        if initial_state is None
+        else _f32(initial_state))
   c0 = jnp.zeros_like(b)
   _, h, states = _scan_associative(x, dt, a, b, c0, h0, segment_ids, dt_bias, dt_softplus,
                                    chunk_size, return_states=True)
@@ -180,5 +187,5 @@ def selective_scan_step(x_BxD, dt_BxD, a, b_BxN, c_BxN, h_BxDxN, *, d_skip=None,
   decay, inp = discretize(x_BxD[:, None], dt_BxD[:, None], a, b_BxN[:, None], None, dt_bias,
                           dt_softplus)
   h = decay[:, 0] * h_BxDxN + inp[:, 0]
-  y = jnp.einsum("bdn,bn->bd", h, c_BxN.astype(jnp.float32))
+  y = jnp.einsum("bdn,bn->bd", h, _f32(c_BxN))
   return _finish(y, x_BxD, d_skip, z_BxD), h
