@@ -127,17 +127,26 @@ def _step_inputs(cfg, get, i, p):
 
 
 def _fwd_chunk(cfg, get, put, h, p, steps):
-  """Runs `steps` (static) forward steps from state h; emits y rows via put."""
-  for i in range(steps):
-    x, _, _, b, a, dx = _step_inputs(cfg, get, i, p)
-    h = a * h + _cn(cfg, b) * _rd(cfg, dx)
-    y = _sum_n(cfg, h * _cn(cfg, get("c", i)))
-    if cfg.has_d:
-      y = y + p["d"] * x
-    if cfg.has_z:
-      z = get("z", i)
-      y = y * (z * _sigmoid(z))
-    put("y", i, y)
+  """Runs `steps` (static) forward steps from state h; emits y rows via put.
+
+  Steps go in groups of `cfg.sub`: all loads of a group first, then the
+  recurrence, then the stores, so that loads are never ordered after stores.
+  """
+  for i0 in range(0, steps, cfg.sub):
+    group = range(i0, min(i0 + cfg.sub, steps))
+    ins = [(_step_inputs(cfg, get, i, p), get("c", i),
+            get("z", i) if cfg.has_z else None) for i in group]
+    ys = []
+    for (x, _, _, b, a, dx), c, z in ins:
+      h = a * h + _cn(cfg, b) * _rd(cfg, dx)
+      y = _sum_n(cfg, h * _cn(cfg, c))
+      if cfg.has_d:
+        y = y + p["d"] * x
+      if cfg.has_z:
+        y = y * (z * _sigmoid(z))
+      ys.append(y)
+    for i, y in zip(group, ys):
+      put("y", i, y)
   return h
 
 
@@ -159,19 +168,16 @@ def _bwd_chunk(cfg, get, put, h, g, acc, p, steps):
   for r in reversed(range(len(subs))):  # pass 2: one sub-chunk at a time
     i0 = r * sub
     i1 = min(i0 + sub, steps)
-    hs, ins = [subs[r]], []
-    for i in range(i0, i1):
-      step = _step_inputs(cfg, get, i, p)
-      _, _, _, b, a, dx = step
+    ins = [(_step_inputs(cfg, get, i, p), get("c", i), get("dy", i),
+            get("z", i) if cfg.has_z else None) for i in range(i0, i1)]  # loads first
+    hs = [subs[r]]
+    for (_, _, _, b, a, dx), _, _, _ in ins:
       hs.append(a * hs[-1] + _cn(cfg, b) * _rd(cfg, dx))
-      ins.append(step)
     for i in reversed(range(i0, i1)):
-      x, v, delta, b, a, dx = ins[i - i0]
+      (x, v, delta, b, a, dx), c, dy, z = ins[i - i0]
       h, h_prev = hs[i - i0 + 1], hs[i - i0]
-      c_n = _cn(cfg, get("c", i))
-      dy = get("dy", i)
+      c_n = _cn(cfg, c)
       if cfg.has_z:
-        z = get("z", i)
         s = _sigmoid(z)
         yd = _sum_n(cfg, h * c_n)
         if cfg.has_d:
