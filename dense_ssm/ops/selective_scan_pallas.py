@@ -766,8 +766,8 @@ def selective_scan_pallas(x, dt, A, b, c, *, d_skip=None, z=None, dt_bias=None,
       raise ValueError(f"block_d must be a power of 2 on GPU, got {block_d}.")
   chunk = chunk or d_chunk
   chunk = min(chunk, _round_up(t, 16))
-  if chunk % 16:
-    raise ValueError(f"chunk must be a multiple of 16, got {chunk}.")
+  if chunk % 8 or (backend == "tpu" and x.dtype.itemsize < 4 and chunk % 16):
+    raise ValueError(f"chunk must be a multiple of 8 (16 for 16-bit inputs on TPU), got {chunk}.")
   cfg = ScanConfig(
       backend=backend, seq_len=t, chunk=chunk, sub=min(sub_chunk or d_sub, chunk),
       block_d=block_d, has_d=d_skip is not None, has_z=z is not None,
