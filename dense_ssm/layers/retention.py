@@ -76,6 +76,7 @@ class RetentionMixer(nn.Module):
     else:
       v, g = self.v_proj(x_hat), jax.nn.silu(self.g_proj(x_hat))
     features = (k, v)  # pre-fusion, handed to deeper layers
+    self.sow("intermediates", "x_hat", x_hat)
     if cfg.dense.layers > 0:
       if self.fuses and sources:
         k = self.k_fusion(x_hat, k, [s[0] for s in sources], cfg.dense.layers)

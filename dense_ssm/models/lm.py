@@ -30,14 +30,14 @@ from dense_ssm.layers.retention import RetentionMixer
 from dense_ssm.models.config import ModelConfig
 
 
-def _mixer(cfg: ModelConfig, idx: int, name: str):
+def _mixer(cfg: ModelConfig, idx: int, name: str | None, **kw):
   if cfg.family == "dense_retnet":
-    return RetentionMixer(cfg, idx, gau=True, name=name)
+    return RetentionMixer(cfg, idx, gau=True, name=name, **kw)
   if cfg.family == "retnet_ffn":
-    return RetentionMixer(cfg, idx, gau=False, name=name)
+    return RetentionMixer(cfg, idx, gau=False, name=name, **kw)
   if cfg.family == "mamba":
-    return MambaMixer(cfg, idx, name=name)
-  return Attention(cfg, idx, name=name)
+    return MambaMixer(cfg, idx, name=name, **kw)
+  return Attention(cfg, idx, name=name, **kw)
 
 
 class Block(nn.Module):
@@ -100,6 +100,7 @@ class LanguageModel(nn.Module):
                            None if states is None else states[i], decode, deterministic)
       if m > 0:
         history.append(feats)
+        self.sow("intermediates", f"features_{i}", feats)
       new_states.append(st)
     h = self.norm(h)
     if cfg.tie_embeddings:
@@ -145,7 +146,7 @@ def init_cache(cfg: ModelConfig, batch_size: int, max_len: int = 0) -> dict[str,
   """Zero decode cache. `max_len` only matters for the Transformer's KV cache."""
   layers = []
   for i in range(cfg.num_layers):
-    mixer = _mixer(cfg, i, f"m{i}")
+    mixer = _mixer(cfg, i, None, parent=None)  # unbound: only its state shapes are read
     if cfg.family == "transformer":
       if max_len <= 0:
         raise ValueError("init_cache(max_len=...) must be > 0 for the Transformer's KV cache.")
