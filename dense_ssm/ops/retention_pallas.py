@@ -73,11 +73,15 @@ def mm(a, b, *, ta=False, tb=False):
 
 
 class Gates(NamedTuple):
-  """Per-chunk decay data, time padded to N*C. Exponents are <= 0 (or -inf for a cut)."""
-  cum: jax.Array        # [B,H,T] b_t, cumulative log-decay inside the chunk
-  log_fq: jax.Array     # [B,H,T] log fq_t  (-inf after a document start in the chunk)
-  log_fk: jax.Array     # [B,H,T] log fk_s  (-inf before a document start in the chunk)
-  dec: jax.Array        # [B,H,N] dec = fq_{C-1}
+  """Per-chunk decay data over the padded time axis (N chunks of C). Exponents are <= 0 or -inf.
+
+  The leading axis is B, or 1 when the decay is a per-head constant and nothing is packed (then
+  every sequence shares the gates and kernels index them by head only).
+  """
+  cum: jax.Array        # [B|1,H,T] b_t, cumulative log-decay inside the chunk
+  log_fq: jax.Array     # [B|1,H,T] log fq_t  (-inf after a document start in the chunk)
+  log_fk: jax.Array     # [B|1,H,T] log fk_s  (-inf before a document start in the chunk)
+  dec: jax.Array        # [B|1,H,N] dec = fq_{C-1}
   seg: jax.Array | None  # [B,T] float32 segment index (monotone), None when unpacked
 
 
@@ -91,24 +95,31 @@ def segment_positions(segment_ids, b, t):
   return jnp.cumsum(starts, axis=1)
 
 
-def compute_gates(g_BxTxH, segpos_BxT, chunk):
-  b, t, h = g_BxTxH.shape
-  n = t // chunk
-  g = jnp.moveaxis(g_BxTxH, 2, 1).reshape(b, h, n, chunk)
-  cum = jnp.cumsum(g, axis=-1)
-  if segpos_BxT is None:
-    first = last = jnp.ones((1, 1, 1, 1), bool)
-    seg = None
+def compute_gates(log_decay, segpos_BxT, chunk, t_pad, t_valid):
+  """Gates from log_decay [H] (padded tokens get decay 1) or [B,T_pad,H] (already padded)."""
+  n = t_pad // chunk
+  if log_decay.ndim == 1:
+    # Closed form g_h * (valid tokens so far in the chunk): no cumsum over a broadcast constant,
+    # which XLA would otherwise constant-fold slowly for a constant log_decay.
+    pos = jnp.arange(chunk, dtype=jnp.float32)[None, :]
+    left = (t_valid - chunk * jnp.arange(n, dtype=jnp.float32))[:, None]
+    count = jnp.clip(jnp.minimum(pos + 1.0, left), 0.0, None)
+    cum = log_decay.astype(jnp.float32)[None, :, None, None] * count     # [1,H,N,C]
   else:
+    b, _, h = log_decay.shape
+    cum = jnp.cumsum(jnp.moveaxis(log_decay, 2, 1).reshape(b, h, n, chunk), axis=-1)
+  if segpos_BxT is None:
+    log_fq, log_fk, seg = cum, cum[..., -1:] - cum, None
+  else:
+    b = segpos_BxT.shape[0]
     pos = segpos_BxT.reshape(b, 1, n, chunk)
     prev = jnp.concatenate([pos[:, :, :1, :1], pos[:, :, :-1, -1:]], axis=2)  # token before chunk
-    first = pos == prev
-    last = pos == pos[..., -1:]
+    cum = jnp.broadcast_to(cum, (b,) + cum.shape[1:])
+    log_fq = jnp.where(pos == prev, cum, -jnp.inf)
+    log_fk = jnp.where(pos == pos[..., -1:], cum[..., -1:] - cum, -jnp.inf)
     seg = segpos_BxT.astype(jnp.float32)
-  log_fq = jnp.where(first, cum, -jnp.inf)
-  log_fk = jnp.where(last, cum[..., -1:] - cum, -jnp.inf)
   dec = jnp.exp(log_fq[..., -1])
-  flat = lambda x: jnp.broadcast_to(x, (b, h, n, chunk)).reshape(b, h, t)
+  flat = lambda x: x.reshape(x.shape[0], x.shape[1], t_pad)
   return Gates(flat(cum), flat(log_fq), flat(log_fk), dec, seg)
 
 
@@ -121,6 +132,7 @@ def compute_gates(g_BxTxH, segpos_BxT, chunk):
 class KernelConfig:
   backend: str
   chunk: int
+  t_valid: int   # tokens before time padding
   interpret: bool
   tuning: tuple = ()  # backend-specific (name, value) overrides, for benchmarks
 
@@ -141,7 +153,7 @@ def _retention_core(cfg, q, k, v, g, h0, segpos):
 
 
 def _core_fwd(cfg, q, k, v, g, h0, segpos):
-  gates = compute_gates(g, segpos, cfg.chunk)
+  gates = compute_gates(g, segpos, cfg.chunk, q.shape[1], cfg.t_valid)
   o, h_t = _backend_module(cfg.backend).forward(q, k, v, gates, h0, cfg)
   return (o, h_t), (q, k, v, g, h0, segpos, h_t)
 
@@ -149,7 +161,7 @@ def _core_fwd(cfg, q, k, v, g, h0, segpos):
 def _core_bwd(cfg, res, cts):
   q, k, v, g, h0, segpos, h_t = res
   do, dh_t = cts
-  gates = compute_gates(g, segpos, cfg.chunk)
+  gates = compute_gates(g, segpos, cfg.chunk, q.shape[1], cfg.t_valid)
   dq, dk, dv, dh0, qdq, kdk = _backend_module(cfg.backend).backward(
       q, k, v, do.astype(v.dtype), gates, h0, dh_t.astype(jnp.float32), cfg)
   # d g: reverse cumulative sum of d b_t = q_t.dq_t - k_t.dk_t (+ <dS_T, S_T> at the last token).
@@ -159,7 +171,10 @@ def _core_bwd(cfg, res, cts):
   if segpos is not None:  # the decay at a document start multiplies a zeroed state
     starts = jnp.concatenate([jnp.zeros_like(segpos[:, :1]), jnp.diff(segpos, axis=1)], axis=1)
     dg_BxHxT = jnp.where(starts[:, None, :] > 0, 0.0, dg_BxHxT)
-  dg = jnp.moveaxis(dg_BxHxT, 1, 2).astype(g.dtype)
+  if g.ndim == 1:  # a per-head constant: padded tokens used decay 1, not g
+    dg = jnp.sum(dg_BxHxT[:, :, :cfg.t_valid], axis=(0, 2))
+  else:
+    dg = jnp.moveaxis(dg_BxHxT, 1, 2)
   dsegpos = None if segpos is None else jnp.zeros(segpos.shape, jax.dtypes.float0)
   return dq, dk, dv, dg, (None if h0 is None else dh0), dsegpos
 
@@ -251,19 +266,19 @@ def retention_pallas(q, k, v, log_decay, *, initial_state=None, segment_ids=None
   dk_pad, dv_pad = mod.padded_head_dims(dk, dv)
 
   g = log_decay.astype(jnp.float32)
-  g = jnp.broadcast_to(g, (b, t, h)) if g.ndim == 1 else g
   segpos = segment_positions(segment_ids, b, t)
   # Padding: zero q/k/v, zero log-decay and the last segment, so that the state is unchanged.
   q = _pad_axis(_pad_axis(q, 1, t_pad), 3, dk_pad)
   k = _pad_axis(_pad_axis(k, 1, t_pad), 3, dk_pad)
   v = _pad_axis(_pad_axis(v, 1, t_pad), 3, dv_pad)
-  g = _pad_axis(g, 1, t_pad)
+  g = _pad_axis(g, 1, t_pad) if g.ndim == 3 else g
   if segpos is not None and t_pad != t:
     segpos = jnp.pad(segpos, ((0, 0), (0, t_pad - t)), mode="edge")
   h0 = None
   if initial_state is not None:
     h0 = _pad_axis(_pad_axis(initial_state.astype(jnp.float32), 2, dk_pad), 3, dv_pad)
 
-  cfg = KernelConfig(backend=backend, chunk=chunk, interpret=bool(interpret), tuning=tuple(_tuning))
+  cfg = KernelConfig(backend=backend, chunk=chunk, t_valid=t, interpret=bool(interpret),
+                     tuning=tuple(_tuning))
   o, h_t = _retention_core(cfg, q, k, v, g, h0, segpos)
   return o[:, :t, :, :dv].astype(out_dtype), h_t[:, :, :dk, :dv]

@@ -95,17 +95,17 @@ def _pow2_floor(n):
 # ----------------------------------------------------------------------------------------------
 
 
-def _chunk_gates(refs, bh, b, t0, c):
+def _chunk_gates(refs, row, b, t0, c):
   """Loads one chunk's gates: D [C,C], fq [C,1], fk [C,1] (float32)."""
   cum_ref, lfq_ref, lfk_ref, seg_ref = refs
-  cum = cum_ref[bh, pl.ds(t0, c)]
+  cum = cum_ref[row, pl.ds(t0, c)]
   if seg_ref is None:
     d = rp.decay_matrix(cum[:, None], cum[None, :])
   else:
     seg = seg_ref[b, pl.ds(t0, c)]
     d = rp.decay_matrix(cum[:, None], cum[None, :], seg[:, None], seg[None, :])
-  fq = jnp.exp(lfq_ref[bh, pl.ds(t0, c)])[:, None]
-  fk = jnp.exp(lfk_ref[bh, pl.ds(t0, c)])[:, None]
+  fq = jnp.exp(lfq_ref[row, pl.ds(t0, c)])[:, None]
+  fk = jnp.exp(lfk_ref[row, pl.ds(t0, c)])[:, None]
   return d, fq, fk
 
 
@@ -124,13 +124,14 @@ def _unpack(refs, n_fixed, has_seg, has_tail):
 
 
 def _fwd_kernel(*refs, dims, tiles, has_seg, has_h0):
-  n_heads, n_chunks, c, dk, _ = dims
+  n_heads, n_chunks, c, dk, _, per_batch = dims
   (q_ref, k_ref, v_ref, cum_ref, lfq_ref, lfk_ref, dec_ref), seg_ref, h0_ref, (o_ref, ht_ref) = (
       _unpack(refs, 7, has_seg, has_h0))
   bv, sk = tiles.block_v, tiles.sub_k
   nk = dk // sk
   vb, bh = pl.program_id(0), pl.program_id(1)
   b, h = bh // n_heads, bh % n_heads
+  grow = bh if per_batch else h  # row of the gate arrays
   vs = pl.ds(vb * bv, bv)
   ks = [pl.ds(j * sk, sk) for j in range(nk)]
   if h0_ref is None:
@@ -142,7 +143,7 @@ def _fwd_kernel(*refs, dims, tiles, has_seg, has_h0):
   def body(ci, state):
     t0 = pl.multiple_of(ci * c, c)
     ts = pl.ds(t0, c)
-    d, fq, fk = _chunk_gates(gate_refs, bh, b, t0, c)
+    d, fq, fk = _chunk_gates(gate_refs, grow, b, t0, c)
     v = v_ref[b, ts, h, vs]
     scores = jnp.zeros((c, c), jnp.float32)
     inter = jnp.zeros((c, bv), jnp.float32)
@@ -156,7 +157,7 @@ def _fwd_kernel(*refs, dims, tiles, has_seg, has_h0):
     o = rp.mm((scores * d).astype(v.dtype), v) + fq * inter
     o_ref[b, ts, h, vs] = o.astype(o_ref.dtype)
     vk = (v * fk).astype(v.dtype)
-    dec = dec_ref[bh, ci]
+    dec = dec_ref[grow, ci]
     return tuple(dec * state[j] + rp.mm(k_blocks[j], vk, ta=True) for j in range(nk))
 
   state = lax.fori_loop(0, n_chunks, body, state)
@@ -171,7 +172,7 @@ def _fwd_kernel(*refs, dims, tiles, has_seg, has_h0):
 
 def _dqk_kernel(*refs, dims, tiles, has_seg, has_h0, which):
   """which='dq': dq and q.dq, S from h0, in order; 'dk': dk, k.dk and dS0, reverse order."""
-  n_heads, n_chunks, c, _, dv = dims
+  n_heads, n_chunks, c, _, dv, per_batch = dims
   is_dq = which == "dq"
   ins, seg_ref, s0_ref, outs = _unpack(refs, 8, has_seg, has_h0 or not is_dq)
   q_ref, k_ref, v_ref, do_ref, cum_ref, lfq_ref, lfk_ref, dec_ref = ins
@@ -182,6 +183,7 @@ def _dqk_kernel(*refs, dims, tiles, has_seg, has_h0, which):
   kb, vg, bh = pl.program_id(0), pl.program_id(1), pl.program_id(2)
   n_groups = dv // gv
   b, h = bh // n_heads, bh % n_heads
+  grow = bh if per_batch else h  # row of the gate arrays
   ks = pl.ds(kb * bk, bk)
   vss = [pl.ds(vg * gv + i * sv, sv) for i in range(ni)]
   if s0_ref is None:
@@ -195,7 +197,7 @@ def _dqk_kernel(*refs, dims, tiles, has_seg, has_h0, which):
     ci = step if is_dq else n_chunks - 1 - step
     t0 = pl.multiple_of(ci * c, c)
     ts = pl.ds(t0, c)
-    d, fq, fk = _chunk_gates(gate_refs, bh, b, t0, c)
+    d, fq, fk = _chunk_gates(gate_refs, grow, b, t0, c)
     own = (q_ref if is_dq else k_ref)[b, ts, h, ks]      # q for q.dq, k for k.dk
     other = (k_ref if is_dq else q_ref)[b, ts, h, ks]    # k for dq, q for dk
     dp = jnp.zeros((c, c), jnp.float32)
@@ -222,7 +224,7 @@ def _dqk_kernel(*refs, dims, tiles, has_seg, has_h0, which):
       grad_ref[b, ts, h, ks] = grad.astype(grad_ref.dtype)
     dot_ref[kb * n_groups + vg, bh, ts] = jnp.sum(own.astype(jnp.float32) * grad, axis=1)
     upd = v_blocks if is_dq else do_blocks
-    dec = dec_ref[bh, ci]
+    dec = dec_ref[grow, ci]
     return tuple(dec * state[i] + rp.mm(scaled, upd[i], ta=True) for i in range(ni))
 
   state = lax.fori_loop(0, n_chunks, body, state)
@@ -237,13 +239,14 @@ def _dqk_kernel(*refs, dims, tiles, has_seg, has_h0, which):
 
 
 def _dv_kernel(*refs, dims, tiles, has_seg):
-  n_heads, n_chunks, c, dk, _ = dims
+  n_heads, n_chunks, c, dk, _, per_batch = dims
   ins, seg_ref, dht_ref, (dv_ref,) = _unpack(refs, 7, has_seg, True)
   q_ref, k_ref, do_ref, cum_ref, lfq_ref, lfk_ref, dec_ref = ins
   bv, sk = tiles.block_v, tiles.sub_k
   nk = dk // sk
   vb, bh = pl.program_id(0), pl.program_id(1)
   b, h = bh // n_heads, bh % n_heads
+  grow = bh if per_batch else h  # row of the gate arrays
   vs = pl.ds(vb * bv, bv)
   ks = [pl.ds(j * sk, sk) for j in range(nk)]
   state = tuple(dht_ref[b, h, ks[j], vs] for j in range(nk))
@@ -253,7 +256,7 @@ def _dv_kernel(*refs, dims, tiles, has_seg):
     ci = n_chunks - 1 - step
     t0 = pl.multiple_of(ci * c, c)
     ts = pl.ds(t0, c)
-    d, fq, fk = _chunk_gates(gate_refs, bh, b, t0, c)
+    d, fq, fk = _chunk_gates(gate_refs, grow, b, t0, c)
     do = do_ref[b, ts, h, vs]
     scores = jnp.zeros((c, c), jnp.float32)
     inter = jnp.zeros((c, bv), jnp.float32)
@@ -267,7 +270,7 @@ def _dv_kernel(*refs, dims, tiles, has_seg):
     dv = rp.mm((scores * d).astype(do.dtype), do, ta=True) + fk * inter
     dv_ref[b, ts, h, vs] = dv.astype(dv_ref.dtype)
     dos = (do * fq).astype(do.dtype)
-    dec = dec_ref[bh, ci]
+    dec = dec_ref[grow, ci]
     return tuple(dec * state[j] + rp.mm(q_blocks[j], dos, ta=True) for j in range(nk))
 
   lax.fori_loop(0, n_chunks, body, state)
@@ -279,8 +282,8 @@ def _dv_kernel(*refs, dims, tiles, has_seg):
 
 
 def _gate_args(gates):
-  b, h, t = gates.cum.shape
-  flat = lambda x: x.reshape(b * h, -1)
+  bg, h, _ = gates.cum.shape
+  flat = lambda x: x.reshape(bg * h, -1)
   return [flat(gates.cum), flat(gates.log_fq), flat(gates.log_fk), flat(gates.dec)]
 
 
@@ -295,7 +298,7 @@ def forward(q, k, v, gates, h0, cfg):
   b, t, h, dk = q.shape
   dv = v.shape[-1]
   tiles = choose_tiles(dk, dv, cfg.tuning)
-  dims = (h, t // cfg.chunk, cfg.chunk, dk, dv)
+  dims = (h, t // cfg.chunk, cfg.chunk, dk, dv, gates.cum.shape[0] > 1)
   has_seg, has_h0 = gates.seg is not None, h0 is not None
   args = [q, k, v] + _gate_args(gates)
   args += [gates.seg] if has_seg else []
@@ -311,7 +314,7 @@ def backward(q, k, v, do, gates, h0, dht, cfg):
   b, t, h, dk = q.shape
   dv = v.shape[-1]
   tiles = choose_tiles(dk, dv, cfg.tuning)
-  dims = (h, t // cfg.chunk, cfg.chunk, dk, dv)
+  dims = (h, t // cfg.chunk, cfg.chunk, dk, dv, gates.cum.shape[0] > 1)
   has_seg, has_h0 = gates.seg is not None, h0 is not None
   seg = [gates.seg] if has_seg else []
   gate_args = _gate_args(gates)

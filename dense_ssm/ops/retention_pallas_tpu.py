@@ -35,7 +35,7 @@ def padded_head_dims(dk, dv):
 
 
 def _gate_tile(gates):
-  """[B,H,N,8,C] float32: rows cum, log fq, log fk, segment index, chunk decay, 0, 0, 0."""
+  """[B|1,H,N,8,C] float32: rows cum, log fq, log fk, segment index, chunk decay, 0, 0, 0."""
   b, h, n = gates.dec.shape
   t = gates.cum.shape[-1]
   c = t // n
@@ -168,7 +168,9 @@ def forward(q, k, v, gates, h0, cfg):
   has_seg, has_h0 = gates.seg is not None, h0 is not None
   qk_spec = pl.BlockSpec((None, c, dk), lambda bi, hi, vi, ci: (bi, ci, hi))
   v_spec = pl.BlockSpec((None, c, bv), lambda bi, hi, vi, ci: (bi, ci, hi * nv + vi))
-  gate_spec = pl.BlockSpec((None, None, None, 8, c), lambda bi, hi, vi, ci: (bi, hi, ci, 0, 0))
+  gb = gates.dec.shape[0] > 1  # gates per sequence, or shared by the batch
+  gate_spec = pl.BlockSpec((None, None, None, 8, c),
+                           lambda bi, hi, vi, ci: (bi if gb else 0, hi, ci, 0, 0))
   state_spec = pl.BlockSpec((None, None, dk, bv), lambda bi, hi, vi, ci: (bi, hi, 0, vi))
   in_specs = [qk_spec, qk_spec, v_spec, gate_spec] + ([state_spec] if has_h0 else [])
   args = [_flat(q), _flat(k), _flat(v), _gate_tile(gates)] + ([h0] if has_h0 else [])
@@ -204,10 +206,13 @@ def backward(q, k, v, do, gates, h0, dht, cfg):
   flat = [_flat(q), _flat(k), _flat(v), _flat(do)]
   state_spec = pl.BlockSpec((None, None, dk, dv), lambda bi, hi, ci: (bi, hi, 0, 0))
 
+  gb = gates.dec.shape[0] > 1
+
   def specs(chunk_of):
     qk = pl.BlockSpec((None, c, dk), lambda bi, hi, ci: (bi, chunk_of(ci), hi))
     vo = pl.BlockSpec((None, c, dv), lambda bi, hi, ci: (bi, chunk_of(ci), hi))
-    gate = pl.BlockSpec((None, None, None, 8, c), lambda bi, hi, ci: (bi, hi, chunk_of(ci), 0, 0))
+    gate = pl.BlockSpec((None, None, None, 8, c),
+                        lambda bi, hi, ci: (bi if gb else 0, hi, chunk_of(ci), 0, 0))
     dot = pl.BlockSpec((None, None, c, 1), lambda bi, hi, ci: (bi, hi, chunk_of(ci), 0))
     return qk, vo, gate, dot
 
