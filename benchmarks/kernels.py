@@ -107,12 +107,12 @@ RETENTION_SHAPES = [(8, 2048, 8, 128, 256), (4, 8192, 16, 128, 128), (8, 2048, 2
 # Tile / chunk variants of our kernel tried at each shape (the default first).
 RETENTION_VARIANTS = {
     "default": dict(),
-    "budget8k_w4": dict(tuning=(("budget", 8192), ("num_warps", 4))),
-    "budget8k_w8": dict(tuning=(("budget", 8192), ("num_warps", 8))),
-    "stages3": dict(tuning=(("num_stages", 3),)),
+    "fwd16k_w8": dict(tuning=(("fwd_budget", 16384), ("fwd_warps", 8))),
+    "bwd8k_w4": dict(tuning=(("bwd_budget", 8192), ("bwd_warps", 4))),
+    "stages2": dict(tuning=(("num_stages", 2),)),
     "chunk32": dict(chunk_size=32),
 }
-RETENTION_VARIANTS_ALL_SHAPES = ("budget8k_w8",)  # the others only at the first shape
+RETENTION_VARIANTS_ALL_SHAPES = ("fwd16k_w8",)  # the others only at the first shape
 
 
 def _retention_cost(b, t, h, dk, dv, c=64):

@@ -28,9 +28,6 @@ from jax.experimental.pallas import triton as plgpu
 
 from dense_ssm.ops import retention_pallas as rp
 
-_STATE_BUDGET = 16384  # float32 state elements per program (registers of 8 warps)
-
-
 def _pow2_divisor(n, cap=128):
   d = 1
   while d * 2 <= cap and n % (d * 2) == 0:
@@ -48,42 +45,61 @@ def padded_head_dims(dk, dv):
 
 @dataclasses.dataclass(frozen=True)
 class Tiles:
-  sub_k: int      # K sub-block inside a [K, BV] tile
-  block_v: int    # BV of the forward / dv tiles
-  block_k: int    # BK of the dq / dk tiles
-  group_v: int    # VG of the dq / dk tiles
-  sub_v: int      # V sub-block inside a [BK, VG] tile
-  num_warps: int
+  sub_k: int        # K sub-block inside a [K, BV] tile
+  fwd_block_v: int  # BV of the forward tile [K, BV]
+  fwd_warps: int
+  block_v: int      # BV of the dv tile [K, BV]
+  block_k: int      # BK of the dq / dk tiles [BK, VG]
+  group_v: int      # VG of the dq / dk tiles
+  sub_v: int        # V sub-block inside a [BK, VG] tile
+  bwd_warps: int
   num_stages: int
 
 
-def choose_tiles(dk, dv, tuning=()):
+# Defaults measured on an H200 (benchmarks/RESULTS.md, 2026-11-29): the forward is fastest with
+# small tiles (<= 8K state elements, 4 warps, >= 2 programs per SM); the backward kernels with
+# 16K-element tiles, 8 warps and 3 pipeline stages, shrunk while there are fewer programs than
+# about one per SM (each backward program also recomputes a [C, C] product over its full tile).
+_FWD_BUDGET, _FWD_WARPS = 8192, 4
+_BWD_BUDGET, _BWD_WARPS, _STAGES = 16384, 8, 3
+_MIN_PROGRAMS = 128
+
+
+def choose_tiles(dk, dv, batch_heads=None, tuning=()):
+  """Tile sizes for head dims (dk, dv) and B*H sequences; `tuning` overrides (benchmarks)."""
   opts = dict(tuning)
-  budget = opts.get("budget", _STATE_BUDGET)
-  sub_k = _pow2_divisor(dk)
-  block_v = opts.get("block_v") or max(16, min(_pow2_divisor(dv), _pow2_floor(budget // dk)))
-  sub_v = _pow2_divisor(dv)
-  block_k = opts.get("block_k")
-  group_v = opts.get("group_v")
+  many = lambda n: batch_heads is None or n * batch_heads >= _MIN_PROGRAMS
+  sub_k, sub_v = _pow2_divisor(dk), _pow2_divisor(dv)
+
+  def block_v_for(budget, least=16):
+    return min(sub_v, max(least, _pow2_floor(budget // dk)))
+
+  # A forward tile recomputes q k^T over all of K: keep it at least 32 wide for big d_k.
+  fwd_block_v = opts.get("fwd_block_v") or block_v_for(opts.get("fwd_budget", _FWD_BUDGET), 32)
+  bwd_budget = opts.get("bwd_budget", _BWD_BUDGET)
+  block_v = opts.get("block_v") or block_v_for(bwd_budget)
+  while "block_v" not in opts and block_v > 32 and not many(dv // block_v):
+    block_v //= 2
+  block_k, group_v = opts.get("block_k"), opts.get("group_v")
   if block_k is None or group_v is None:
     # Fewest value groups (partial sums) with a BK of at least 32 (or all of K).
-    best = None
+    best = (16, sub_v)
     for groups in range(1, dv // sub_v + 1):
       if dv % (groups * sub_v):
         continue
       gv = dv // groups
-      bk = min(_pow2_divisor(dk), _pow2_floor(budget // gv))
-      if bk >= min(32, dk) and dk % bk == 0:
+      bk = min(sub_k, _pow2_floor(bwd_budget // gv))
+      if bk >= min(32, dk):
         best = (bk, gv)
         break
-    if best is None:
-      best = (16, sub_v)
-    block_k = block_k or best[0]
-    group_v = group_v or best[1]
-  num_warps = opts.get("num_warps", 8 if max(dk * block_v, block_k * group_v) > 8192 else 4)
-  return Tiles(sub_k=sub_k, block_v=block_v, block_k=block_k, group_v=group_v,
-               sub_v=min(sub_v, group_v), num_warps=num_warps,
-               num_stages=opts.get("num_stages", 2))
+    block_k, group_v = block_k or best[0], group_v or best[1]
+    while block_k > 32 and not many((dk // block_k) * (dv // group_v)):
+      block_k //= 2
+  return Tiles(sub_k=sub_k, fwd_block_v=fwd_block_v,
+               fwd_warps=opts.get("fwd_warps", _FWD_WARPS), block_v=block_v, block_k=block_k,
+               group_v=group_v, sub_v=min(sub_v, group_v),
+               bwd_warps=opts.get("bwd_warps", _BWD_WARPS),
+               num_stages=opts.get("num_stages", _STAGES))
 
 
 def _pow2_floor(n):
@@ -127,7 +143,7 @@ def _fwd_kernel(*refs, dims, tiles, has_seg, has_h0):
   n_heads, n_chunks, c, dk, _, per_batch = dims
   (q_ref, k_ref, v_ref, cum_ref, lfq_ref, lfk_ref, dec_ref), seg_ref, h0_ref, (o_ref, ht_ref) = (
       _unpack(refs, 7, has_seg, has_h0))
-  bv, sk = tiles.block_v, tiles.sub_k
+  bv, sk = tiles.fwd_block_v, tiles.sub_k
   nk = dk // sk
   vb, bh = pl.program_id(0), pl.program_id(1)
   b, h = bh // n_heads, bh % n_heads
@@ -287,17 +303,16 @@ def _gate_args(gates):
   return [flat(gates.cum), flat(gates.log_fq), flat(gates.log_fk), flat(gates.dec)]
 
 
-def _call(kernel, grid, out_shape, tiles, interpret, name):
+def _call(kernel, grid, out_shape, num_warps, num_stages, interpret, name):
   return pl.pallas_call(
       kernel, grid=grid, out_shape=out_shape, interpret=interpret, name=name,
-      compiler_params=plgpu.CompilerParams(num_warps=tiles.num_warps,
-                                           num_stages=tiles.num_stages))
+      compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages))
 
 
 def forward(q, k, v, gates, h0, cfg):
   b, t, h, dk = q.shape
   dv = v.shape[-1]
-  tiles = choose_tiles(dk, dv, cfg.tuning)
+  tiles = choose_tiles(dk, dv, b * h, cfg.tuning)
   dims = (h, t // cfg.chunk, cfg.chunk, dk, dv, gates.cum.shape[0] > 1)
   has_seg, has_h0 = gates.seg is not None, h0 is not None
   args = [q, k, v] + _gate_args(gates)
@@ -306,14 +321,14 @@ def forward(q, k, v, gates, h0, cfg):
   kernel = functools.partial(_fwd_kernel, dims=dims, tiles=tiles, has_seg=has_seg, has_h0=has_h0)
   out_shape = (jax.ShapeDtypeStruct((b, t, h, dv), v.dtype),
                jax.ShapeDtypeStruct((b, h, dk, dv), jnp.float32))
-  return _call(kernel, (dv // tiles.block_v, b * h), out_shape, tiles, cfg.interpret,
-               "retention_fwd")(*args)
+  return _call(kernel, (dv // tiles.fwd_block_v, b * h), out_shape, tiles.fwd_warps,
+               tiles.num_stages, cfg.interpret, "retention_fwd")(*args)
 
 
 def backward(q, k, v, do, gates, h0, dht, cfg):
   b, t, h, dk = q.shape
   dv = v.shape[-1]
-  tiles = choose_tiles(dk, dv, cfg.tuning)
+  tiles = choose_tiles(dk, dv, b * h, cfg.tuning)
   dims = (h, t // cfg.chunk, cfg.chunk, dk, dv, gates.cum.shape[0] > 1)
   has_seg, has_h0 = gates.seg is not None, h0 is not None
   seg = [gates.seg] if has_seg else []
@@ -326,22 +341,23 @@ def backward(q, k, v, do, gates, h0, dht, cfg):
 
   kern = functools.partial(_dqk_kernel, dims=dims, tiles=tiles, has_seg=has_seg, has_h0=has_h0,
                            which="dq")
-  dq, qdq = _call(kern, grid_qk, (grad_shape(q), dot_shape), tiles, cfg.interpret,
-                  "retention_bwd_dq")(q, k, v, do, *gate_args, *seg, *([h0] if has_h0 else []))
+  dq, qdq = _call(kern, grid_qk, (grad_shape(q), dot_shape), tiles.bwd_warps,
+                  tiles.num_stages, cfg.interpret, "retention_bwd_dq")(q, k, v, do, *gate_args, *seg, *([h0] if has_h0 else []))
 
   kern = functools.partial(_dqk_kernel, dims=dims, tiles=tiles, has_seg=has_seg, has_h0=has_h0,
                            which="dk")
   out_shape = (grad_shape(k), dot_shape)
   if has_h0:
     out_shape += (jax.ShapeDtypeStruct((b, h, dk, dv), jnp.float32),)
-  outs = _call(kern, grid_qk, out_shape, tiles, cfg.interpret, "retention_bwd_dk")(
+  outs = _call(kern, grid_qk, out_shape, tiles.bwd_warps, tiles.num_stages, cfg.interpret,
+               "retention_bwd_dk")(
       q, k, v, do, *gate_args, *seg, dht)
   dk_, kdk = outs[0], outs[1]
   dh0 = outs[2] if has_h0 else None
 
   kern = functools.partial(_dv_kernel, dims=dims, tiles=tiles, has_seg=has_seg)
-  dv_ = _call(kern, (dv // tiles.block_v, b * h), jax.ShapeDtypeStruct(v.shape, v.dtype), tiles,
-              cfg.interpret, "retention_bwd_dv")(q, k, do, *gate_args, *seg, dht)
+  dv_ = _call(kern, (dv // tiles.block_v, b * h), jax.ShapeDtypeStruct(v.shape, v.dtype),
+              tiles.bwd_warps, tiles.num_stages, cfg.interpret, "retention_bwd_dv")(q, k, do, *gate_args, *seg, dht)
 
   if n_g > 1:
     dq, dk_ = dq.sum(0).astype(q.dtype), dk_.sum(0).astype(k.dtype)
