@@ -2,6 +2,7 @@
 
 import dataclasses
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
@@ -31,7 +32,7 @@ def tiny(name, **kw) -> ModelConfig:
 def init(cfg, t=8, seed=0):
   model = build_model(cfg)
   tokens = jnp.zeros((1, t), jnp.int32)
-  return model, model.init(jax.random.PRNGKey(seed), tokens)["params"]
+  return model, nn.unbox(model.init(jax.random.PRNGKey(seed), tokens)["params"])
 
 
 def decode_all(cfg, params, tokens_BxT, prefix=0):
