@@ -117,11 +117,13 @@ def test_bfloat16_inputs(backend):
          with_h0=True, with_seg=True, chunk_size=16)
 
 
-def test_gpu_tiling_with_partial_sums():
+@pytest.mark.parametrize("precompute", [False, True])
+def test_gpu_tiling_with_partial_sums(precompute):
   """d_k = 3 x 64 and d_v = 5 x 64 sub-blocks; a small tile budget splits V into 5 groups, so dq
-  and dk are float32 partial sums, and the dv tile is 16 wide."""
-  _check("gpu", b=1, t=40, h=1, dk=192, dv=320, with_h0=True, chunk_size=16,
-         tuning=(("bwd_budget", 4096),))
+  and dk are float32 partial sums, and the dv tile is 16 wide. With `precompute` the masked chunk
+  products q k^T * D and do v^T * D come from a pre-pass kernel (the paper-head default)."""
+  _check("gpu", b=1, t=40, h=1, dk=192, dv=320, with_h0=True, with_seg=precompute,
+         chunk_size=16, tuning=(("bwd_budget", 4096), ("precompute", precompute)))
 
 
 def test_tpu_value_tiling_and_head_padding():
@@ -163,12 +165,14 @@ def _fwd_bwd(backend, b, t, h, dk, dv, dtype):
   return step, shapes
 
 
-def test_gpu_kernels_lower_to_triton():
-  """The Triton lowering of all four GPU kernels (paper head dims, ragged T) runs on CPU."""
-  step, shapes = _fwd_bwd("gpu", 2, 200, 2, 320, 1280, jnp.bfloat16)
+@pytest.mark.parametrize("dk,dv,kernels", [(128, 256, 4), (320, 1280, 7)])
+def test_gpu_kernels_lower_to_triton(dk, dv, kernels):
+  """The Triton lowering of the GPU kernels (ragged T) runs on CPU: forward, dq, dk, dv, and for
+  the paper heads the three chunk-product pre-passes."""
+  step, shapes = _fwd_bwd("gpu", 2, 200, 2, dk, dv, jnp.bfloat16)
   lowered = jax.jit(step).trace(*(jax.ShapeDtypeStruct(s, d) for s, d in shapes)).lower(
       lowering_platforms=("cuda",))
-  assert lowered.as_text().count("xla.gpu.triton") == 4
+  assert lowered.as_text().count("xla.gpu.triton") == kernels
 
 
 def test_tpu_kernels_aot_compile():

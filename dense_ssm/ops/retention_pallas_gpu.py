@@ -54,6 +54,7 @@ class Tiles:
   sub_v: int        # V sub-block inside a [BK, VG] tile
   bwd_warps: int
   num_stages: int
+  precompute: bool  # masked q k^T and do v^T in a pre-pass instead of in every tile
 
 
 # Defaults measured on an H200 (benchmarks/RESULTS.md, 2026-11-29): the forward is fastest with
@@ -63,6 +64,10 @@ class Tiles:
 _FWD_BUDGET, _FWD_WARPS = 8192, 4
 _BWD_BUDGET, _BWD_WARPS, _STAGES = 16384, 8, 3
 _MIN_PROGRAMS = 128
+# Pre-pass for the [C, C] chunk products once the forward splits V into this many tiles (each
+# would recompute q k^T over all of K): the paper heads (d_k 320-384, d_v 1280-1536; 40-48 tiles),
+# not the measured (128, 256) heads (4 tiles).
+_PRECOMPUTE_TILES = 8
 
 
 def choose_tiles(dk, dv, batch_heads=None, tuning=()):
@@ -95,11 +100,12 @@ def choose_tiles(dk, dv, batch_heads=None, tuning=()):
     block_k, group_v = block_k or best[0], group_v or best[1]
     while block_k > 32 and not many((dk // block_k) * (dv // group_v)):
       block_k //= 2
+  precompute = opts.get("precompute", dv // fwd_block_v >= _PRECOMPUTE_TILES)
   return Tiles(sub_k=sub_k, fwd_block_v=fwd_block_v,
                fwd_warps=opts.get("fwd_warps", _FWD_WARPS), block_v=block_v, block_k=block_k,
                group_v=group_v, sub_v=min(sub_v, group_v),
                bwd_warps=opts.get("bwd_warps", _BWD_WARPS),
-               num_stages=opts.get("num_stages", _STAGES))
+               num_stages=opts.get("num_stages", _STAGES), precompute=bool(precompute))
 
 
 def _pow2_floor(n):
@@ -111,11 +117,13 @@ def _pow2_floor(n):
 # ----------------------------------------------------------------------------------------------
 
 
-def _chunk_gates(refs, row, b, t0, c):
-  """Loads one chunk's gates: D [C,C], fq [C,1], fk [C,1] (float32)."""
+def _chunk_gates(refs, row, b, t0, c, need_d=True):
+  """Loads one chunk's gates: D [C,C] (or None), fq [C,1], fk [C,1] (float32)."""
   cum_ref, lfq_ref, lfk_ref, seg_ref = refs
   cum = cum_ref[row, pl.ds(t0, c)]
-  if seg_ref is None:
+  if not need_d:
+    d = None
+  elif seg_ref is None:
     d = rp.decay_matrix(cum[:, None], cum[None, :])
   else:
     seg = seg_ref[b, pl.ds(t0, c)]
@@ -125,13 +133,47 @@ def _chunk_gates(refs, row, b, t0, c):
   return d, fq, fk
 
 
-def _unpack(refs, n_fixed, has_seg, has_tail):
-  """Kernel refs are: n_fixed inputs, [segment index], [tail input], outputs."""
+def _unpack(refs, n_fixed, *present):
+  """Kernel refs are: n_fixed inputs, one optional input per flag in `present`, outputs."""
   refs = list(refs)
   fixed, rest = refs[:n_fixed], refs[n_fixed:]
-  seg_ref = rest.pop(0) if has_seg else None
-  tail_ref = rest.pop(0) if has_tail else None
-  return fixed, seg_ref, tail_ref, rest
+  optional = [rest.pop(0) if flag else None for flag in present]
+  return (fixed, *optional, rest)
+
+
+# ----------------------------------------------------------------------------------------------
+# Optional pre-pass: masked chunk products X Y^T * D for all chunks at once ([B*H, T, C]).
+# With wide state tiles split over many programs (large d_k x d_v), every program would otherwise
+# recompute q k^T (forward, dv) or do v^T (dq, dk) over a whole head dim for each chunk.
+# ----------------------------------------------------------------------------------------------
+
+
+def _intra_kernel(*refs, dims, has_seg, sub):
+  n_heads, _, c, _, _, per_batch = dims
+  (x_ref, y_ref, cum_ref), seg_ref, (out_ref,) = _unpack(refs, 3, has_seg)
+  ci, bh = pl.program_id(0), pl.program_id(1)
+  b, h = bh // n_heads, bh % n_heads
+  ts = pl.ds(pl.multiple_of(ci * c, c), c)
+  cum = cum_ref[bh if per_batch else h, ts]
+  if seg_ref is None:
+    d = rp.decay_matrix(cum[:, None], cum[None, :])
+  else:
+    seg = seg_ref[b, ts]
+    d = rp.decay_matrix(cum[:, None], cum[None, :], seg[:, None], seg[None, :])
+  prod = jnp.zeros((c, c), jnp.float32)
+  for j in range(x_ref.shape[-1] // sub):
+    js = pl.ds(j * sub, sub)
+    prod += rp.mm(x_ref[b, ts, h, js], y_ref[b, ts, h, js], tb=True)
+  out_ref[bh, ts, :] = (prod * d).astype(out_ref.dtype)
+
+
+def _masked_products(x, y, gates, dims, has_seg, sub, interpret):
+  b, t, h, _ = x.shape
+  c = dims[2]
+  kernel = functools.partial(_intra_kernel, dims=dims, has_seg=has_seg, sub=sub)
+  args = [x, y, gates.cum.reshape(-1, t)] + ([gates.seg] if has_seg else [])
+  return _call(kernel, (t // c, b * h), jax.ShapeDtypeStruct((b * h, t, c), x.dtype),
+               4, 2, interpret, "retention_chunk_products")(*args)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -139,10 +181,10 @@ def _unpack(refs, n_fixed, has_seg, has_tail):
 # ----------------------------------------------------------------------------------------------
 
 
-def _fwd_kernel(*refs, dims, tiles, has_seg, has_h0):
+def _fwd_kernel(*refs, dims, tiles, has_seg, has_h0, has_pre):
   n_heads, n_chunks, c, dk, _, per_batch = dims
-  (q_ref, k_ref, v_ref, cum_ref, lfq_ref, lfk_ref, dec_ref), seg_ref, h0_ref, (o_ref, ht_ref) = (
-      _unpack(refs, 7, has_seg, has_h0))
+  ((q_ref, k_ref, v_ref, cum_ref, lfq_ref, lfk_ref, dec_ref), seg_ref, h0_ref, pre_ref,
+   (o_ref, ht_ref)) = _unpack(refs, 7, has_seg, has_h0, has_pre)
   bv, sk = tiles.fwd_block_v, tiles.sub_k
   nk = dk // sk
   vb, bh = pl.program_id(0), pl.program_id(1)
@@ -159,7 +201,7 @@ def _fwd_kernel(*refs, dims, tiles, has_seg, has_h0):
   def body(ci, state):
     t0 = pl.multiple_of(ci * c, c)
     ts = pl.ds(t0, c)
-    d, fq, fk = _chunk_gates(gate_refs, grow, b, t0, c)
+    d, fq, fk = _chunk_gates(gate_refs, grow, b, t0, c, need_d=not has_pre)
     v = v_ref[b, ts, h, vs]
     scores = jnp.zeros((c, c), jnp.float32)
     inter = jnp.zeros((c, bv), jnp.float32)
@@ -168,9 +210,11 @@ def _fwd_kernel(*refs, dims, tiles, has_seg, has_h0):
       qj = q_ref[b, ts, h, ks[j]]
       kj = k_ref[b, ts, h, ks[j]]
       k_blocks.append(kj)
-      scores += rp.mm(qj, kj, tb=True)
+      if not has_pre:
+        scores += rp.mm(qj, kj, tb=True)
       inter += rp.mm(qj, state[j].astype(qj.dtype))
-    o = rp.mm((scores * d).astype(v.dtype), v) + fq * inter
+    scores = pre_ref[bh, ts, :] if has_pre else (scores * d).astype(v.dtype)
+    o = rp.mm(scores, v) + fq * inter
     o_ref[b, ts, h, vs] = o.astype(o_ref.dtype)
     vk = (v * fk).astype(v.dtype)
     dec = dec_ref[grow, ci]
@@ -186,11 +230,11 @@ def _fwd_kernel(*refs, dims, tiles, has_seg, has_h0):
 # ----------------------------------------------------------------------------------------------
 
 
-def _dqk_kernel(*refs, dims, tiles, has_seg, has_h0, which):
+def _dqk_kernel(*refs, dims, tiles, has_seg, has_h0, has_pre, which):
   """which='dq': dq and q.dq, S from h0, in order; 'dk': dk, k.dk and dS0, reverse order."""
   n_heads, n_chunks, c, _, dv, per_batch = dims
   is_dq = which == "dq"
-  ins, seg_ref, s0_ref, outs = _unpack(refs, 8, has_seg, has_h0 or not is_dq)
+  ins, seg_ref, s0_ref, pre_ref, outs = _unpack(refs, 8, has_seg, has_h0 or not is_dq, has_pre)
   q_ref, k_ref, v_ref, do_ref, cum_ref, lfq_ref, lfk_ref, dec_ref = ins
   grad_ref, dot_ref = outs[0], outs[1]
   ds0_ref = outs[2] if (not is_dq and has_h0) else None
@@ -213,7 +257,7 @@ def _dqk_kernel(*refs, dims, tiles, has_seg, has_h0, which):
     ci = step if is_dq else n_chunks - 1 - step
     t0 = pl.multiple_of(ci * c, c)
     ts = pl.ds(t0, c)
-    d, fq, fk = _chunk_gates(gate_refs, grow, b, t0, c)
+    d, fq, fk = _chunk_gates(gate_refs, grow, b, t0, c, need_d=not has_pre)
     own = (q_ref if is_dq else k_ref)[b, ts, h, ks]      # q for q.dq, k for k.dk
     other = (k_ref if is_dq else q_ref)[b, ts, h, ks]    # k for dq, q for dk
     dp = jnp.zeros((c, c), jnp.float32)
@@ -224,10 +268,15 @@ def _dqk_kernel(*refs, dims, tiles, has_seg, has_h0, which):
       doi = do_ref[b, ts, h, vss[i]]
       v_blocks.append(vi)
       do_blocks.append(doi)
-      dp += rp.mm(doi, vi, tb=True)
+      if not has_pre:
+        dp += rp.mm(doi, vi, tb=True)
       # dq: do S^T (state before the chunk); dk: v dS^T (gradient at the chunk end).
       inter += rp.mm(doi if is_dq else vi, state[i].astype(vi.dtype), tb=True)
-    dpd = (dp * d).astype(other.dtype)
+    if has_pre:  # the pre-pass spans all of V: only the first value group adds it
+      dpd = pre_ref[bh, ts, :]
+      dpd = dpd if n_groups == 1 else jnp.where(vg == 0, dpd, jnp.zeros_like(dpd))
+    else:
+      dpd = (dp * d).astype(other.dtype)
     if is_dq:
       grad = rp.mm(dpd, other) + fq * inter
       scaled = (other * fk).astype(other.dtype)      # k * fk  -> S += k^T v
@@ -254,9 +303,9 @@ def _dqk_kernel(*refs, dims, tiles, has_seg, has_h0, which):
 # ----------------------------------------------------------------------------------------------
 
 
-def _dv_kernel(*refs, dims, tiles, has_seg):
+def _dv_kernel(*refs, dims, tiles, has_seg, has_pre):
   n_heads, n_chunks, c, dk, _, per_batch = dims
-  ins, seg_ref, dht_ref, (dv_ref,) = _unpack(refs, 7, has_seg, True)
+  ins, seg_ref, dht_ref, pre_ref, (dv_ref,) = _unpack(refs, 7, has_seg, True, has_pre)
   q_ref, k_ref, do_ref, cum_ref, lfq_ref, lfk_ref, dec_ref = ins
   bv, sk = tiles.block_v, tiles.sub_k
   nk = dk // sk
@@ -272,7 +321,7 @@ def _dv_kernel(*refs, dims, tiles, has_seg):
     ci = n_chunks - 1 - step
     t0 = pl.multiple_of(ci * c, c)
     ts = pl.ds(t0, c)
-    d, fq, fk = _chunk_gates(gate_refs, grow, b, t0, c)
+    d, fq, fk = _chunk_gates(gate_refs, grow, b, t0, c, need_d=not has_pre)
     do = do_ref[b, ts, h, vs]
     scores = jnp.zeros((c, c), jnp.float32)
     inter = jnp.zeros((c, bv), jnp.float32)
@@ -281,9 +330,11 @@ def _dv_kernel(*refs, dims, tiles, has_seg):
       qj = q_ref[b, ts, h, ks[j]]
       kj = k_ref[b, ts, h, ks[j]]
       q_blocks.append(qj)
-      scores += rp.mm(qj, kj, tb=True)
+      if not has_pre:
+        scores += rp.mm(qj, kj, tb=True)
       inter += rp.mm(kj, state[j].astype(kj.dtype))
-    dv = rp.mm((scores * d).astype(do.dtype), do, ta=True) + fk * inter
+    scores = pre_ref[bh, ts, :] if has_pre else (scores * d).astype(do.dtype)
+    dv = rp.mm(scores, do, ta=True) + fk * inter
     dv_ref[b, ts, h, vs] = dv.astype(dv_ref.dtype)
     dos = (do * fq).astype(do.dtype)
     dec = dec_ref[grow, ci]
@@ -318,7 +369,10 @@ def forward(q, k, v, gates, h0, cfg):
   args = [q, k, v] + _gate_args(gates)
   args += [gates.seg] if has_seg else []
   args += [h0] if has_h0 else []
-  kernel = functools.partial(_fwd_kernel, dims=dims, tiles=tiles, has_seg=has_seg, has_h0=has_h0)
+  if tiles.precompute:
+    args.append(_masked_products(q, k, gates, dims, has_seg, tiles.sub_k, cfg.interpret))
+  kernel = functools.partial(_fwd_kernel, dims=dims, tiles=tiles, has_seg=has_seg, has_h0=has_h0,
+                             has_pre=tiles.precompute)
   out_shape = (jax.ShapeDtypeStruct((b, t, h, dv), v.dtype),
                jax.ShapeDtypeStruct((b, h, dk, dv), jnp.float32))
   return _call(kernel, (dv // tiles.fwd_block_v, b * h), out_shape, tiles.fwd_warps,
@@ -330,34 +384,35 @@ def backward(q, k, v, do, gates, h0, dht, cfg):
   dv = v.shape[-1]
   tiles = choose_tiles(dk, dv, b * h, cfg.tuning)
   dims = (h, t // cfg.chunk, cfg.chunk, dk, dv, gates.cum.shape[0] > 1)
-  has_seg, has_h0 = gates.seg is not None, h0 is not None
-  seg = [gates.seg] if has_seg else []
-  gate_args = _gate_args(gates)
+  has_seg, has_h0, pre = gates.seg is not None, h0 is not None, tiles.precompute
+  common = [*_gate_args(gates)] + ([gates.seg] if has_seg else [])
   n_k, n_g = dk // tiles.block_k, dv // tiles.group_v
   grid_qk = (n_k, n_g, b * h)
   grad_shape = lambda x: (jax.ShapeDtypeStruct((n_g, b, t, h, dk), jnp.float32) if n_g > 1
                           else jax.ShapeDtypeStruct((b, t, h, dk), x.dtype))
   dot_shape = jax.ShapeDtypeStruct((n_k * n_g, b * h, t), jnp.float32)
+  call = lambda kern, grid, out_shape, name: _call(
+      kern, grid, out_shape, tiles.bwd_warps, tiles.num_stages, cfg.interpret, name)
+  dpd = [_masked_products(do, v, gates, dims, has_seg, tiles.sub_v, cfg.interpret)] if pre else []
+  scores = [_masked_products(q, k, gates, dims, has_seg, tiles.sub_k, cfg.interpret)] if pre else []
 
   kern = functools.partial(_dqk_kernel, dims=dims, tiles=tiles, has_seg=has_seg, has_h0=has_h0,
-                           which="dq")
-  dq, qdq = _call(kern, grid_qk, (grad_shape(q), dot_shape), tiles.bwd_warps,
-                  tiles.num_stages, cfg.interpret, "retention_bwd_dq")(q, k, v, do, *gate_args, *seg, *([h0] if has_h0 else []))
+                           has_pre=pre, which="dq")
+  dq, qdq = call(kern, grid_qk, (grad_shape(q), dot_shape), "retention_bwd_dq")(
+      q, k, v, do, *common, *([h0] if has_h0 else []), *dpd)
 
   kern = functools.partial(_dqk_kernel, dims=dims, tiles=tiles, has_seg=has_seg, has_h0=has_h0,
-                           which="dk")
+                           has_pre=pre, which="dk")
   out_shape = (grad_shape(k), dot_shape)
   if has_h0:
     out_shape += (jax.ShapeDtypeStruct((b, h, dk, dv), jnp.float32),)
-  outs = _call(kern, grid_qk, out_shape, tiles.bwd_warps, tiles.num_stages, cfg.interpret,
-               "retention_bwd_dk")(
-      q, k, v, do, *gate_args, *seg, dht)
+  outs = call(kern, grid_qk, out_shape, "retention_bwd_dk")(q, k, v, do, *common, dht, *dpd)
   dk_, kdk = outs[0], outs[1]
   dh0 = outs[2] if has_h0 else None
 
-  kern = functools.partial(_dv_kernel, dims=dims, tiles=tiles, has_seg=has_seg)
-  dv_ = _call(kern, (dv // tiles.block_v, b * h), jax.ShapeDtypeStruct(v.shape, v.dtype),
-              tiles.bwd_warps, tiles.num_stages, cfg.interpret, "retention_bwd_dv")(q, k, do, *gate_args, *seg, dht)
+  kern = functools.partial(_dv_kernel, dims=dims, tiles=tiles, has_seg=has_seg, has_pre=pre)
+  dv_ = call(kern, (dv // tiles.block_v, b * h), jax.ShapeDtypeStruct(v.shape, v.dtype),
+             "retention_bwd_dv")(q, k, do, *common, dht, *scores)
 
   if n_g > 1:
     dq, dk_ = dq.sum(0).astype(q.dtype), dk_.sum(0).astype(k.dtype)
