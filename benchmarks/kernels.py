@@ -162,6 +162,7 @@ def bench_retention(quick=False):
   """Retention rows: ours (Pallas), XLA chunkwise, fla chunk_retention; fwd and fwd+bwd."""
   from dense_ssm.ops import retention, retnet_log_decay  # pylint: disable=g-import-not-at-top
   from dense_ssm.ops.retention_pallas import retention_pallas  # pylint: disable=g-import-not-at-top
+  from dense_ssm.ops.retention_pallas_gpu import choose_tiles  # pylint: disable=g-import-not-at-top
   try:
     import torch  # pylint: disable=g-import-not-at-top
     from fla.ops.retention import chunk_retention  # pylint: disable=g-import-not-at-top
@@ -186,41 +187,46 @@ def bench_retention(quick=False):
       k = (jax.random.normal(ks[1], (b, t, h, dk)) * dk ** -0.5).astype(jnp.bfloat16)
       v = jax.random.normal(ks[2], (b, t, h, dv)).astype(jnp.bfloat16)
       do = jax.random.normal(ks[3], (b, t, h, dv)).astype(jnp.bfloat16)
-      return q, k, v, do
+      # log_decay is passed as an argument: closed over, XLA constant-folds its cumulative sums
+      # (seconds per compile).
+      return q, k, v, do, log_decay
 
     sets = [make(100 * si + i) for i in range(2)]
 
     def jax_fns(core):
-      fwd = jax.jit(lambda q, k, v, do: core(q, k, v)[0])
-      def fb(q, k, v, do):
-        o, vjp = jax.vjp(lambda q, k, v: core(q, k, v)[0], q, k, v)
+      fwd = jax.jit(lambda q, k, v, do, ld: core(q, k, v, ld)[0])
+      def fb(q, k, v, do, ld):
+        o, vjp = jax.vjp(lambda q, k, v: core(q, k, v, ld)[0], q, k, v)
         return vjp(do)
       return fwd, jax.jit(fb)
 
+    variants = dict(RETENTION_VARIANTS)
+    # The other side of the chunk-product pre-pass switch at this shape.
+    flip = not choose_tiles(dk, dv, b * h).precompute
+    variants[f"precompute_{'on' if flip else 'off'}"] = dict(tuning=(("precompute", flip),))
     impls = {}
-    for vname, var in RETENTION_VARIANTS.items():
-      if vname != "default" and (quick or (si > 0 and vname not in RETENTION_VARIANTS_ALL_SHAPES)):
+    for vname, var in variants.items():
+      if vname != "default" and (quick or (si > 0 and vname not in RETENTION_VARIANTS_ALL_SHAPES
+                                           and not vname.startswith("precompute"))):
         continue
       impls[f"pallas/{vname}"] = jax_fns(
-          lambda q, k, v, var=var: retention_pallas(
-              q, k, v, log_decay, chunk_size=var.get("chunk_size", 64),
+          lambda q, k, v, ld, var=var: retention_pallas(
+              q, k, v, ld, chunk_size=var.get("chunk_size", 64),
               interpret=SMOKE, _tuning=var.get("tuning", ())))
     impls["xla_chunkwise"] = jax_fns(
-        lambda q, k, v: retention(q, k, v, log_decay, impl="chunkwise"))
+        lambda q, k, v, ld: retention(q, k, v, ld, impl="chunkwise"))
 
     # Correctness first: float32 reference (chunkwise form on float32 inputs, exact matmuls).
-    q, k, v, do = sets[0]
+    q, k, v, do, ld = sets[0]
+    f32 = lambda *xs: [x.astype(jnp.float32) for x in xs]
     with jax.default_matmul_precision("float32"):
-      _, ref_fb = impls["xla_chunkwise"]
-      ref_o = jax.jit(lambda q, k, v: retention(
-          q, k, v, log_decay, impl="chunkwise")[0])(*(x.astype(jnp.float32) for x in (q, k, v)))
-      ref_g = ref_fb(*(x.astype(jnp.float32) for x in (q, k, v, do)))
-    ref = [ref_o] + list(ref_g)
+      ref_fwd, ref_fb = jax_fns(lambda q, k, v, ld: retention(q, k, v, ld, impl="chunkwise"))
+      ref = [ref_fwd(*f32(q, k, v, do), ld)] + list(ref_fb(*f32(q, k, v, do), ld))
 
     results = {}
     for iname, (fwd, fb) in impls.items():
       def run(fwd=fwd, fb=fb):
-        got = [fwd(q, k, v, do)] + list(fb(q, k, v, do))
+        got = [fwd(q, k, v, do, ld)] + list(fb(q, k, v, do, ld))
         errs = [rel_err(a, r) for a, r in zip(got, ref)]
         ms_f = time_jax(fwd, sets)
         ms_fb = time_jax(fb, sets)
@@ -233,7 +239,7 @@ def bench_retention(quick=False):
 
     if chunk_retention is not None:
       def fla_run():
-        tsets = [tuple(_to_torch(x) for x in s) for s in sets]
+        tsets = [tuple(_to_torch(x) for x in s[:4]) for s in sets]
         for s in tsets:
           for x in s[:3]:
             x.requires_grad_(True)
