@@ -85,3 +85,19 @@ def test_bfloat16_compute_runs_and_tracks_float32():
   bf16 = build_model(replace(cfg, dtype="bfloat16")).apply({"params": params}, tokens)
   assert bf16.dtype == jnp.float32  # logits are always float32
   assert rel(bf16, f32) < 5e-2
+
+
+def test_remat_and_dropout():
+  cfg = tiny("dense_retnet", dropout=0.1)
+  model, params = init(cfg)
+  remat = build_model(replace(cfg, remat=True))
+  tokens = jax.random.randint(jax.random.PRNGKey(4), (2, 40), 0, cfg.vocab_size)
+  rngs = {"dropout": jax.random.PRNGKey(1)}
+  train = lambda m, p: m.apply({"params": p}, tokens, deterministic=False, rngs=rngs)
+  a, b = train(model, params), train(remat, params)
+  assert rel(b, a) < 1e-6  # same dropout masks with and without remat
+  assert rel(a, model.apply({"params": params}, tokens)) > 1e-3  # dropout is active
+  ga = jax.grad(lambda p: train(model, p).sum())(params)
+  gb = jax.grad(lambda p: train(remat, p).sum())(params)
+  assert max(rel(x, y) for x, y in zip(jax.tree.leaves(gb), jax.tree.leaves(ga))
+             if float(jnp.linalg.norm(y)) > 0) < 1e-4

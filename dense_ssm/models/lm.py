@@ -78,7 +78,8 @@ class LanguageModel(nn.Module):
           "embed_positions", nn.with_logical_partitioning(normal_init(cfg.init_std),
                                                           (None, "embed")),
           (cfg.max_len, cfg.hidden_size), dtype_of(cfg.param_dtype))
-    block = nn.remat(Block, static_argnums=(5, 6)) if cfg.remat else Block
+    # static: decode, deterministic (flax counts `self` as argument 0).
+    block = nn.remat(Block, static_argnums=(6, 7)) if cfg.remat else Block
     self.layers = [block(cfg, i, name=f"layers_{i}") for i in range(cfg.num_layers)]
     self.norm = make_norm(cfg)
     if not cfg.tie_embeddings:
