@@ -152,16 +152,18 @@ def test_bad_inputs_raise():
       retention_pallas(q, q, q, g)
 
 
-def _fwd_bwd(backend, b, t, h, dk, dv, dtype):
-  """A jittable loss-and-grad of the kernel (per-token decay, h0, segments) and its arguments."""
+def _fwd_bwd(backend, b, t, h, dk, dv, dtype, per_token=True):
+  """A jittable loss-and-grad of the kernel and its argument shapes: per-token decay, initial
+  state and segments, or (per_token=False) the RetNet per-head decay with no options."""
   def step(q, k, v, g, h0, seg, do):
     def loss(q, k, v, g, h0):
-      o, s = retention_pallas(q, k, v, g, initial_state=h0, segment_ids=seg, backend=backend)
+      o, s = retention_pallas(q, k, v, g, initial_state=h0 if per_token else None,
+                              segment_ids=seg if per_token else None, backend=backend)
       return jnp.sum(o.astype(jnp.float32) * do) + jnp.sum(s)
     return jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4))(q, k, v, g, h0)
   shapes = [((b, t, h, dk), dtype), ((b, t, h, dk), dtype), ((b, t, h, dv), dtype),
-            ((b, t, h), jnp.float32), ((b, h, dk, dv), jnp.float32), ((b, t), jnp.int32),
-            ((b, t, h, dv), jnp.float32)]
+            ((b, t, h) if per_token else (h,), jnp.float32), ((b, h, dk, dv), jnp.float32),
+            ((b, t), jnp.int32), ((b, t, h, dv), jnp.float32)]
   return step, shapes
 
 
@@ -175,8 +177,10 @@ def test_gpu_kernels_lower_to_triton(dk, dv, kernels):
   assert lowered.as_text().count("xla.gpu.triton") == kernels
 
 
-def test_tpu_kernels_aot_compile():
-  """Forward + backward Mosaic kernels compile for a v5e 2x2 slice, inside shard_map."""
+@pytest.mark.parametrize("per_token", [True, False])
+def test_tpu_kernels_aot_compile(per_token):
+  """Forward + backward Mosaic kernels compile for a v5e 2x2 slice, inside shard_map over the
+  batch (check_vma=True; a replicated per-head log_decay gets its gradient summed over shards)."""
   pytest.importorskip("libtpu", reason="libtpu (the `tpu` extra) is needed to compile for TPU")
   from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
   from jax.sharding import Mesh, NamedSharding, PartitionSpec as P  # pylint: disable=g-import-not-at-top
@@ -185,11 +189,16 @@ def test_tpu_kernels_aot_compile():
       platform="tpu", topology_name="v5e:2x2", chip_config_name="default",
       chips_per_host_bounds=(2, 2, 1), num_slices=1)
   mesh = Mesh(np.array(topo.devices).reshape(4), ("data",))
-  # DenseRetNet-350M heads (d_k 384, d_v 1536), bf16, ragged T, all options; batch over 4 chips.
-  step, shapes = _fwd_bwd("tpu", 4, 200, 2, 384, 1536, jnp.bfloat16)
-  spec = P("data")
-  fn = jax.jit(jax.shard_map(step, mesh=mesh, in_specs=(spec,) * 7,
-                             out_specs=(P(), (spec,) * 5), check_vma=False))
-  args = [jax.ShapeDtypeStruct(s, d, sharding=NamedSharding(mesh, spec)) for s, d in shapes]
+  # DenseRetNet-350M heads (d_k 384, d_v 1536), bf16, ragged T; batch over the 4 chips.
+  step, shapes = _fwd_bwd("tpu", 4, 200, 2, 384, 1536, jnp.bfloat16, per_token)
+  specs = [P("data")] * 7
+  specs[3] = P("data") if per_token else P()
+  def sharded_step(*xs):
+    loss, grads = step(*xs)
+    return jax.lax.psum(loss, "data"), grads
+  fn = jax.jit(jax.shard_map(sharded_step, mesh=mesh, in_specs=tuple(specs),
+                             out_specs=(P(), tuple(specs[:5]))))
+  args = [jax.ShapeDtypeStruct(s, d, sharding=NamedSharding(mesh, sp))
+          for (s, d), sp in zip(shapes, specs)]
   compiled = fn.lower(*args).compile()
   assert compiled.as_text().count("tpu_custom_call") == 3  # forward, dq, dk+dv

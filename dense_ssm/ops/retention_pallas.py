@@ -67,6 +67,35 @@ def mm(a, b, *, ta=False, tb=False):
   return lax.dot_general(a, b, dims, precision=precision, preferred_element_type=jnp.float32)
 
 
+def out_struct(shape, dtype, like):
+  """ShapeDtypeStruct for a kernel output that varies over the same manual mesh axes as `like`,
+  so that the kernels run inside `jax.shard_map` with check_vma=True (the attribute's name has
+  changed across jax versions; without one, a plain struct)."""
+  aval = jax.typeof(like)
+  for attr, kwarg in (("mat", "manual_axis_type"), ("vma", "vma")):
+    value = getattr(aval, attr, None)
+    if value is not None:
+      try:
+        return jax.ShapeDtypeStruct(shape, dtype, **{kwarg: value})
+      except TypeError:
+        pass
+  return jax.ShapeDtypeStruct(shape, dtype)
+
+
+def _varying_axes(x):
+  aval = jax.typeof(x)
+  mat = getattr(aval, "mat", None)
+  axes = getattr(mat, "varying", None) if mat is not None else getattr(aval, "vma", None)
+  return frozenset(axes or ())
+
+
+def _match_varying(ct, primal):
+  """Sum a cotangent over the manual mesh axes its primal does not vary over (a replicated
+  log_decay or initial state inside shard_map gets the sum of the per-shard gradients)."""
+  extra = tuple(sorted(_varying_axes(ct) - _varying_axes(primal)))
+  return lax.psum(ct, extra) if extra else ct
+
+
 # ----------------------------------------------------------------------------------------------
 # Gates: per-token float32 quantities computed once in XLA (cheap: [B,H,T]).
 # ----------------------------------------------------------------------------------------------
@@ -176,7 +205,8 @@ def _core_bwd(cfg, res, cts):
   else:
     dg = jnp.moveaxis(dg_BxHxT, 1, 2)
   dsegpos = None if segpos is None else jnp.zeros(segpos.shape, jax.dtypes.float0)
-  return dq, dk, dv, dg, (None if h0 is None else dh0), dsegpos
+  dh0 = None if h0 is None else _match_varying(dh0, h0)
+  return dq, dk, dv, _match_varying(dg, g), dh0, dsegpos
 
 
 _retention_core.defvjp(_core_fwd, _core_bwd)

@@ -172,7 +172,7 @@ def _masked_products(x, y, gates, dims, has_seg, sub, interpret):
   c = dims[2]
   kernel = functools.partial(_intra_kernel, dims=dims, has_seg=has_seg, sub=sub)
   args = [x, y, gates.cum.reshape(-1, t)] + ([gates.seg] if has_seg else [])
-  return _call(kernel, (t // c, b * h), jax.ShapeDtypeStruct((b * h, t, c), x.dtype),
+  return _call(kernel, (t // c, b * h), rp.out_struct((b * h, t, c), x.dtype, x),
                4, 2, interpret, "retention_chunk_products")(*args)
 
 
@@ -373,8 +373,8 @@ def forward(q, k, v, gates, h0, cfg):
     args.append(_masked_products(q, k, gates, dims, has_seg, tiles.sub_k, cfg.interpret))
   kernel = functools.partial(_fwd_kernel, dims=dims, tiles=tiles, has_seg=has_seg, has_h0=has_h0,
                              has_pre=tiles.precompute)
-  out_shape = (jax.ShapeDtypeStruct((b, t, h, dv), v.dtype),
-               jax.ShapeDtypeStruct((b, h, dk, dv), jnp.float32))
+  out_shape = (rp.out_struct((b, t, h, dv), v.dtype, q),
+               rp.out_struct((b, h, dk, dv), jnp.float32, q))
   return _call(kernel, (dv // tiles.fwd_block_v, b * h), out_shape, tiles.fwd_warps,
                tiles.num_stages, cfg.interpret, "retention_fwd")(*args)
 
@@ -388,9 +388,9 @@ def backward(q, k, v, do, gates, h0, dht, cfg):
   common = [*_gate_args(gates)] + ([gates.seg] if has_seg else [])
   n_k, n_g = dk // tiles.block_k, dv // tiles.group_v
   grid_qk = (n_k, n_g, b * h)
-  grad_shape = lambda x: (jax.ShapeDtypeStruct((n_g, b, t, h, dk), jnp.float32) if n_g > 1
-                          else jax.ShapeDtypeStruct((b, t, h, dk), x.dtype))
-  dot_shape = jax.ShapeDtypeStruct((n_k * n_g, b * h, t), jnp.float32)
+  grad_shape = lambda x: (rp.out_struct((n_g, b, t, h, dk), jnp.float32, q) if n_g > 1
+                          else rp.out_struct((b, t, h, dk), x.dtype, q))
+  dot_shape = rp.out_struct((n_k * n_g, b * h, t), jnp.float32, q)
   call = lambda kern, grid, out_shape, name: _call(
       kern, grid, out_shape, tiles.bwd_warps, tiles.num_stages, cfg.interpret, name)
   dpd = [_masked_products(do, v, gates, dims, has_seg, tiles.sub_v, cfg.interpret)] if pre else []
@@ -405,13 +405,13 @@ def backward(q, k, v, do, gates, h0, dht, cfg):
                            has_pre=pre, which="dk")
   out_shape = (grad_shape(k), dot_shape)
   if has_h0:
-    out_shape += (jax.ShapeDtypeStruct((b, h, dk, dv), jnp.float32),)
+    out_shape += (rp.out_struct((b, h, dk, dv), jnp.float32, q),)
   outs = call(kern, grid_qk, out_shape, "retention_bwd_dk")(q, k, v, do, *common, dht, *dpd)
   dk_, kdk = outs[0], outs[1]
   dh0 = outs[2] if has_h0 else None
 
   kern = functools.partial(_dv_kernel, dims=dims, tiles=tiles, has_seg=has_seg, has_pre=pre)
-  dv_ = call(kern, (dv // tiles.block_v, b * h), jax.ShapeDtypeStruct(v.shape, v.dtype),
+  dv_ = call(kern, (dv // tiles.block_v, b * h), rp.out_struct(v.shape, v.dtype, q),
              "retention_bwd_dv")(q, k, do, *common, dht, *scores)
 
   if n_g > 1:

@@ -181,8 +181,8 @@ def forward(q, k, v, gates, h0, cfg):
       grid=(b, h, nv, n),
       in_specs=in_specs,
       out_specs=[v_spec, state_spec],
-      out_shape=[jax.ShapeDtypeStruct((b, t, h * dv), v.dtype),
-                 jax.ShapeDtypeStruct((b, h, dk, dv), jnp.float32)],
+      out_shape=[rp.out_struct((b, t, h * dv), v.dtype, q),
+                 rp.out_struct((b, h, dk, dv), jnp.float32, q)],
       scratch_shapes=[pltpu.VMEM((dk, bv), jnp.float32)],
       compiler_params=pltpu.CompilerParams(
           dimension_semantics=("parallel", "parallel", "parallel", "arbitrary"),
@@ -216,23 +216,23 @@ def backward(q, k, v, do, gates, h0, dht, cfg):
     dot = pl.BlockSpec((None, None, c, 1), lambda bi, hi, ci: (bi, hi, chunk_of(ci), 0))
     return qk, vo, gate, dot
 
-  dot_shape = jax.ShapeDtypeStruct((b, h, t, 1), jnp.float32)
+  dot_shape = rp.out_struct((b, h, t, 1), jnp.float32, q)
   qk, vo, gate, dot = specs(lambda ci: ci)
   dq, qdq = pl.pallas_call(
       functools.partial(_dq_kernel, has_seg=has_seg, has_h0=has_h0),
       grid=(b, h, n),
       in_specs=[qk, qk, vo, vo, gate] + ([state_spec] if has_h0 else []),
       out_specs=[qk, dot],
-      out_shape=[jax.ShapeDtypeStruct((b, t, h * dk), q.dtype), dot_shape],
+      out_shape=[rp.out_struct((b, t, h * dk), q.dtype, q), dot_shape],
       scratch_shapes=[pltpu.VMEM((dk, dv), jnp.float32)],
       compiler_params=params, interpret=cfg.interpret, name="retention_bwd_dq",
   )(*flat, gate_tile, *([h0] if has_h0 else []))
 
   qk, vo, gate, dot = specs(lambda ci: n - 1 - ci)
   out_specs = [qk, vo, dot] + ([state_spec] if has_h0 else [])
-  out_shape = [jax.ShapeDtypeStruct((b, t, h * dk), k.dtype),
-               jax.ShapeDtypeStruct((b, t, h * dv), v.dtype), dot_shape]
-  out_shape += [jax.ShapeDtypeStruct((b, h, dk, dv), jnp.float32)] if has_h0 else []
+  out_shape = [rp.out_struct((b, t, h * dk), k.dtype, q),
+               rp.out_struct((b, t, h * dv), v.dtype, q), dot_shape]
+  out_shape += [rp.out_struct((b, h, dk, dv), jnp.float32, q)] if has_h0 else []
   outs = pl.pallas_call(
       functools.partial(_dkdv_kernel, has_seg=has_seg, has_h0=has_h0, n_chunks=n),
       grid=(b, h, n),
