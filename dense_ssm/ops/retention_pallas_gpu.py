@@ -10,7 +10,8 @@ sequence with the tile in registers (float32), so no per-chunk state is ever wri
 
 A program whose tile spans the whole contraction dimension writes its output directly; when the
 value dimension is split into VG groups (large d_v), dq and dk are written as float32 partial sums
-over the groups and added in XLA. Inside a tile, K and V are walked in power-of-two sub-blocks so
+over the groups and added in XLA. For wide heads (many value tiles) a pre-pass kernel computes the
+masked chunk products q k^T * D and do v^T * D once, instead of in every tile. Inside a tile, K and V are walked in power-of-two sub-blocks so
 that head dims such as 320 or 1536 need no padding. The tile's first grid axis varies fastest, so
 programs of one (batch, head) run together and share q/k/v/do reads through L2.
 """
