@@ -137,3 +137,12 @@ def merge_heads(x):
 def constrain(x, axes: Sequence[str | None]):
   """Activation sharding constraint by logical names (a no-op outside a mesh/rules context)."""
   return nn.with_logical_constraint(x, tuple(axes))
+
+
+def batch_mesh_axes():
+  """Mesh axes that shard the logical "batch" axis under the active rules (None outside them)."""
+  try:
+    spec = nn.logical_to_mesh_axes(("batch",))
+  except Exception:  # pylint: disable=broad-except
+    return None
+  return None if spec is None else spec[0]

@@ -18,7 +18,8 @@ import jax
 import jax.numpy as jnp
 
 from dense_ssm import ops
-from dense_ssm.layers.common import Linear, RMSNorm, apply_rotary, constrain, merge_heads
+from dense_ssm.layers.common import Linear, RMSNorm, apply_rotary, batch_mesh_axes, constrain
+from dense_ssm.layers.common import merge_heads
 from dense_ssm.layers.common import retnet_angles, split_heads
 from dense_ssm.layers.dense import DenseFusion
 
@@ -101,7 +102,8 @@ class RetentionMixer(nn.Module):
                                                    segment_ids=segment_ids)
     elif cfg.mode == "chunkwise":
       o, state = ops.retention(q_h, k_h, v_h, log_decay, segment_ids=segment_ids,
-                               impl=cfg.impl, chunk_size=cfg.chunk_size)
+                               impl=cfg.impl, chunk_size=cfg.chunk_size,
+                               batch_axes=batch_mesh_axes())
       o = o.astype(jnp.float32) * retnet_row_factor(positions, log_decay)[..., None]
     else:
       raise ValueError(f"model.mode={cfg.mode!r} is unknown; use parallel or chunkwise.")

@@ -15,6 +15,7 @@ Implementations:
   "chunkwise"  chunked form: quadratic inside chunks of `chunk_size`, state carried across chunks.
                "xla" is an alias.
   "pallas"     fused Pallas kernel (dense_ssm/ops/retention_pallas.py), TPU and GPU.
+               "pallas_interpret" runs it in the Pallas interpreter (any platform; for tests).
   "auto"       pallas on TPU/GPU when available, else chunkwise.
 
 The SPEC section 4 reference-exact *normalised* parallel form used by DenseRetNet's parallel mode
@@ -31,7 +32,7 @@ def _f32(a):
   """At least float32 (bf16 -> f32; f64 stays f64 so float64 gradient checks are exact)."""
   return a.astype(jnp.promote_types(a.dtype, jnp.float32))
 
-IMPLS = ("auto", "reference", "parallel", "chunkwise", "xla", "pallas")
+IMPLS = ("auto", "reference", "parallel", "chunkwise", "xla", "pallas", "pallas_interpret")
 
 
 def retnet_log_decay(num_heads: int) -> jax.Array:
@@ -159,7 +160,15 @@ def _retention_chunkwise(q, k, v, log_decay, initial_state, segment_ids, chunk_s
   # Segment of the token before each chunk (the first chunk continues the initial state's segment).
   prev_seg_BxN = jnp.concatenate([seg_BxNxC[:, :1, 0], seg_BxNxC[:, :-1, -1]], axis=1)
 
-  cum_BxNxHxC = jnp.cumsum(jnp.moveaxis(g_BxNxCxH, 3, 2), axis=-1)
+  if log_decay.ndim == 1:
+    # Closed form for a constant decay per head: no cumsum over a broadcast constant (XLA would
+    # constant-fold it at compile time, slowly). Padded tokens (end of the last chunk) add no decay.
+    valid_N = jnp.full((n,), c).at[-1].set(c - pad)
+    steps_NxC = jnp.minimum(jnp.arange(1, c + 1)[None, :], valid_N[:, None]).astype(g_BxTxH.dtype)
+    cum_BxNxHxC = jnp.broadcast_to(
+        _f32(log_decay)[None, :, None] * steps_NxC[:, None, :], (b, n, h, c))
+  else:
+    cum_BxNxHxC = jnp.cumsum(jnp.moveaxis(g_BxNxCxH, 3, 2), axis=-1)
   same_BxNxCxC = seg_BxNxC[..., :, None] == seg_BxNxC[..., None, :]
   causal = jnp.tril(jnp.ones((c, c), bool))
   mask = (causal & same_BxNxCxC)[:, :, None]  # [B,N,1,C,C]
@@ -195,7 +204,7 @@ def _retention_chunkwise(q, k, v, log_decay, initial_state, segment_ids, chunk_s
 
 
 def retention(q, k, v, log_decay, *, initial_state=None, segment_ids=None, impl="auto",
-              chunk_size=64):
+              chunk_size=64, batch_axes=None):
   """Gated retention `o_t = q_t S_t`, `S_t = exp(g_t) S_{t-1} + k_t^T v_t`; see module doc.
 
   Args:
@@ -205,6 +214,8 @@ def retention(q, k, v, log_decay, *, initial_state=None, segment_ids=None, impl=
     segment_ids: optional [B,T] int; state resets where the id changes.
     impl: one of IMPLS.
     chunk_size: chunk length of the chunkwise/pallas forms (any T is accepted).
+    batch_axes: mesh axes sharding the batch; under a mesh the Pallas kernel then runs per batch
+      shard (`jax.shard_map`), since XLA cannot partition a kernel call.
   Returns:
     (o [B,T,H,V] in v.dtype, final_state [B,H,K,V] float32).
   """
@@ -217,16 +228,23 @@ def retention(q, k, v, log_decay, *, initial_state=None, segment_ids=None, impl=
     return _retention_parallel(q, k, v, log_decay, initial_state, segment_ids)
   if impl in ("chunkwise", "xla"):
     return _retention_chunkwise(q, k, v, log_decay, initial_state, segment_ids, chunk_size)
-  if impl == "pallas":
+  if impl in ("pallas", "pallas_interpret"):
     from dense_ssm.ops import retention_pallas  # pylint: disable=g-import-not-at-top
-    return retention_pallas.retention_pallas(
-        q, k, v, log_decay, initial_state=initial_state, segment_ids=segment_ids,
-        chunk_size=chunk_size)
+    from dense_ssm.ops.dispatch import batch_sharded  # pylint: disable=g-import-not-at-top
+
+    def kernel(q, k, v, log_decay, initial_state, segment_ids):
+      return retention_pallas.retention_pallas(
+          q, k, v, log_decay, initial_state=initial_state, segment_ids=segment_ids,
+          chunk_size=chunk_size, interpret=impl == "pallas_interpret")
+
+    return batch_sharded(kernel, (q, k, v, log_decay, initial_state, segment_ids),
+                         (True, True, True, log_decay.ndim == 3, True, True), batch_axes, 2)
   raise ValueError(f"retention impl={impl!r} is unknown; use one of {IMPLS}.")
 
 
 def _auto_impl() -> str:
-  return "chunkwise"
+  """The Pallas kernel on TPU and GPU; the XLA chunkwise form elsewhere (CPU)."""
+  return "pallas" if jax.default_backend() in ("tpu", "gpu", "cuda", "rocm") else "chunkwise"
 
 
 def retention_step(q_BxHxK, k_BxHxK, v_BxHxV, log_decay, state_BxHxKxV, reset_B=None):

@@ -1,0 +1,39 @@
+"""Running a Pallas kernel under a sharded `jit`.
+
+XLA cannot partition a Pallas call, so under a device mesh the kernel runs inside `jax.shard_map`
+over the mesh axes that shard the batch: each device runs the kernel on its batch shard.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import jax
+from jax.sharding import PartitionSpec as P
+
+
+def batch_sharded(fn: Callable, args: Sequence, batched: Sequence[bool], batch_axes,
+                  num_outputs: int):
+  """fn(*args) on per-device batch shards when a mesh is active and `batch_axes` is set.
+
+  args may contain None (passed through). `batched[i]` says whether args[i] has the batch as its
+  leading dimension (else it is replicated). Every output is batched.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  if not batch_axes or mesh.empty or mesh.size == 1:
+    return fn(*args)
+  present = [i for i, a in enumerate(args) if a is not None]
+
+  def inner(*xs):
+    full = list(args)
+    for i, x in zip(present, xs):
+      full[i] = x
+    return fn(*full)
+
+  spec = P(batch_axes)
+  in_specs = tuple(spec if batched[i] else P() for i in present)
+  out_specs = (spec,) * num_outputs
+  # check_vma=False: the Pallas interpreter (CPU tests) does not track varying axes. Replicated
+  # inputs are constants of the model (e.g. the per-head decay), which need no gradient.
+  return jax.shard_map(inner, mesh=mesh, in_specs=in_specs, out_specs=out_specs,
+                       check_vma=False)(*(args[i] for i in present))
