@@ -63,6 +63,7 @@ class ScanConfig:
   interpret: bool = False
   state_dn: bool = False  # GPU only: state as [block_d, N] instead of [N, block_d]
   num_warps: int = 4  # GPU only
+  red_batch: int = 8  # GPU only: backward steps whose reductions are batched together
 
   @property
   def masked(self) -> bool:
@@ -116,95 +117,103 @@ def _decay(cfg, delta, a_mat):
 def _step_inputs(cfg, get, i, p):
   """Discretised inputs of step i: (x, v = dt + bias, delta, b, a, dx = delta*x)."""
   x, dt, b = get("x", i), get("dt", i), get("b", i)
-  v = dt + p["bias"] if cfg.has_bias else dt
-  delta = _softplus(v) if cfg.softplus else v
-  if cfg.masked:  # padded steps are exact identities: delta = 0 => a = 1, u = 0
-    delta = jnp.where(get("valid", i), delta, 0.0)
+  delta, v = _delta(cfg, p, dt, get("valid", i) if cfg.masked else None)
   a = _decay(cfg, delta, p["a_exp"])
   if cfg.has_seg:
     a = a * get("keep", i)
   return x, v, delta, b, a, delta * x
 
 
-def _fwd_chunk(cfg, get, put, h, p, steps):
-  """Runs `steps` (static) forward steps from state h; emits y rows via put.
+def _delta(cfg, p, dt, valid):
+  """(delta, v = dt + bias); padded steps get delta = 0 (a = 1, u = 0: identities)."""
+  v = dt + p["bias"] if cfg.has_bias else dt
+  delta = _softplus(v) if cfg.softplus else v
+  if valid is not None:
+    delta = jnp.where(valid, delta, 0.0)
+  return delta, v
 
-  Steps go in groups of `cfg.sub`: all loads of a group first, then the
-  recurrence, then the stores, so that loads are never ordered after stores.
-  """
-  for i0 in range(0, steps, cfg.sub):
-    group = range(i0, min(i0 + cfg.sub, steps))
-    ins = [(_step_inputs(cfg, get, i, p), get("c", i),
-            get("z", i) if cfg.has_z else None) for i in group]
-    ys = []
-    for (x, _, _, b, a, dx), c, z in ins:
-      h = a * h + _cn(cfg, b) * _rd(cfg, dx)
-      y = _sum_n(cfg, h * _cn(cfg, c))
-      if cfg.has_d:
-        y = y + p["d"] * x
-      if cfg.has_z:
-        y = y * (z * _sigmoid(z))
-      ys.append(y)
-    for i, y in zip(group, ys):
-      put("y", i, y)
+
+def _gate(cfg, p, yc, x, z):
+  """y = (yc + d_skip x) * silu(z), on rows or [steps, block_d] tiles."""
+  y = yc + p["d"] * x if cfg.has_d else yc
+  return y * (z * _sigmoid(z)) if cfg.has_z else y
+
+
+def _advance(cfg, get, h, p, steps):
+  """State after `steps` (static) steps from h; all loads are issued first."""
+  ins = [_step_inputs(cfg, get, i, p) for i in range(steps)]
+  for _, _, _, b, a, dx in ins:
+    h = a * h + _cn(cfg, b) * _rd(cfg, dx)
   return h
 
 
-def _bwd_chunk(cfg, get, put, h, g, acc, p, steps):
-  """Reverse scan over one chunk of `steps` steps whose start state is h.
-
-  g is the adjoint of the state after the chunk (dL/dh_{end}); returns the
-  adjoint of the state before the chunk and the updated accumulators
-  acc = (dA [state-shaped], d_skip [d-vector], dt_bias [d-vector]).
-  """
-  sub = min(cfg.sub, steps)
-  subs = []
-  for i in range(steps):  # pass 1: states at sub-chunk starts
-    if i % sub == 0:
-      subs.append(h)
-    _, _, _, b, a, dx = _step_inputs(cfg, get, i, p)
+def _forward_steps(cfg, get, h, p, steps):
+  """Returns (state after `steps` steps, [h_t * c_t] per step; y_t = sum_n of it)."""
+  ins = [(_step_inputs(cfg, get, i, p), get("c", i)) for i in range(steps)]
+  prods = []
+  for (_, _, _, b, a, dx), c in ins:
     h = a * h + _cn(cfg, b) * _rd(cfg, dx)
-  d_a, d_d, d_bias = acc
-  for r in reversed(range(len(subs))):  # pass 2: one sub-chunk at a time
-    i0 = r * sub
-    i1 = min(i0 + sub, steps)
-    ins = [(_step_inputs(cfg, get, i, p), get("c", i), get("dy", i),
-            get("z", i) if cfg.has_z else None) for i in range(i0, i1)]  # loads first
-    hs = [subs[r]]
-    for (_, _, _, b, a, dx), _, _, _ in ins:
-      hs.append(a * hs[-1] + _cn(cfg, b) * _rd(cfg, dx))
-    for i in reversed(range(i0, i1)):
-      (x, v, delta, b, a, dx), c, dy, z = ins[i - i0]
-      h, h_prev = hs[i - i0 + 1], hs[i - i0]
-      c_n = _cn(cfg, c)
-      if cfg.has_z:
-        s = _sigmoid(z)
-        yd = _sum_n(cfg, h * c_n)
-        if cfg.has_d:
-          yd = yd + p["d"] * x
-        put("dz", i, dy * yd * s * (1.0 + z * (1.0 - s)))
-        dy = dy * z * s
-      g = g + c_n * _rd(cfg, dy)
-      put("dc", i, _sum_d(cfg, h * _rd(cfg, dy)))
-      put("db", i, _sum_d(cfg, g * _rd(cfg, dx)))
-      b_n = _cn(cfg, b)
-      w = g * a * h_prev
-      gb = _sum_n(cfg, g * b_n)
-      ddelta = _sum_n(cfg, w * p["a_nat"]) + gb * x
-      d_a = d_a + w * _rd(cfg, delta)
-      dxi = gb * delta
-      if cfg.has_d:
-        dxi = dxi + dy * p["d"]
-        d_d = d_d + dy * x
-      put("dx", i, dxi)
-      if cfg.masked:
-        ddelta = jnp.where(get("valid", i), ddelta, 0.0)
-      ddt = ddelta * _sigmoid(v) if cfg.softplus else ddelta
-      put("ddt", i, ddt)
-      if cfg.has_bias:
-        d_bias = d_bias + ddt
-      g = g * a
-  return g, (d_a, d_d, d_bias)
+    prods.append(h * _cn(cfg, c))
+  return h, prods
+
+
+def _dy_gated(cfg, dy, z):
+  return dy * (z * _sigmoid(z)) if cfg.has_z else dy
+
+
+def _backward_steps(cfg, get, h0, g, d_a, p, steps, finish, batch):
+  """Reverse scan over `steps` (static) steps whose start state is h0.
+
+  g is the adjoint of the state after the steps; returns (adjoint of h0, d_a).
+  Every `batch` steps (walking backwards) calls finish(i0, prods) with the
+  state-shaped products of steps i0 .. i0+batch-1 in time order, whose sums
+  give the outputs: sum_n of "yc" = h c, "gb" = g b, "wa" = w A; sum_d of
+  "dc" = h dy', "db" = g delta x  (w = g a h_{t-1}, dy' = dy * silu(z)).
+  """
+  ins = [(_step_inputs(cfg, get, i, p), get("c", i), get("dy", i),
+          get("z", i) if cfg.has_z else None) for i in range(steps)]  # loads first
+  hs = [h0]
+  for (_, _, _, b, a, dx), _, _, _ in ins:
+    hs.append(a * hs[-1] + _cn(cfg, b) * _rd(cfg, dx))
+  pending = []
+  for i in reversed(range(steps)):
+    (_, _, delta, b, a, dx), c, dy, z = ins[i]
+    h, h_prev = hs[i + 1], hs[i]
+    c_n = _cn(cfg, c)
+    dyg = _rd(cfg, _dy_gated(cfg, dy, z))
+    g = g + c_n * dyg
+    w = g * a * h_prev
+    prods = {"dc": h * dyg, "db": g * _rd(cfg, dx), "gb": g * _cn(cfg, b),
+             "wa": w * p["a_nat"]}
+    if cfg.has_z:
+      prods["yc"] = h * c_n
+    pending.insert(0, prods)
+    d_a = d_a + w * _rd(cfg, delta)
+    g = g * a
+    if len(pending) == batch or i == 0:
+      finish(i, pending)
+      pending = []
+  return g, d_a
+
+
+def _grad_outputs(cfg, p, x, dt, z, dy, valid, red):
+  """Per-(t, d) gradients from rows or tiles of the inputs and reduced products.
+
+  Returns (dx, ddt, dz or None, dy' * x [d_skip term], ddt [dt_bias term]).
+  """
+  delta, v = _delta(cfg, p, dt, valid)
+  dyg = _dy_gated(cfg, dy, z)
+  dz = None
+  if cfg.has_z:
+    s = _sigmoid(z)
+    yd = red["yc"] + p["d"] * x if cfg.has_d else red["yc"]
+    dz = dy * yd * s * (1.0 + z * (1.0 - s))
+  dx = red["gb"] * delta + (dyg * p["d"] if cfg.has_d else 0.0)
+  ddelta = red["wa"] + red["gb"] * x
+  if valid is not None:
+    ddelta = jnp.where(valid, ddelta, 0.0)
+  ddt = ddelta * _sigmoid(v) if cfg.softplus else ddelta
+  return dx, ddt, dz, dyg * x, ddt
 
 
 # ------------------------------------------------------------------------------
@@ -220,8 +229,14 @@ def _params(cfg, r):
   return p
 
 
+# GPU (Triton lowering): one program per (batch row, channel block) walks all of
+# time in loops whose bodies are `sub` steps (small bodies keep the compile fast).
+# Reductions of a whole sub-chunk are batched: the per-step products are stacked
+# along a new last axis and reduced once, giving [sub, .] tiles stored in one go.
+
+
 def _gpu_getter(cfg, r, base):
-  """Loads step i of the chunk starting at time `base` straight from HBM."""
+  """Step i of the sub-chunk starting at time `base`, loaded from HBM."""
 
   def get(name, i):
     t = base + i
@@ -234,49 +249,106 @@ def _gpu_getter(cfg, r, base):
   return get
 
 
-def _gpu_putter(r, base):
-  def put(name, i, val):
-    ref = r[name]
-    ref[base + i, :] = val.astype(ref.dtype)
+def _gpu_tile(cfg, r, name, start, steps):
+  """[steps, width] tile of rows start .. start+steps-1 (float32)."""
+  if name == "valid":
+    rows = start + jax.lax.broadcasted_iota(jnp.int32, (steps, 1), 0)
+    return rows < cfg.seq_len
+  return r[name][pl.ds(start, steps), :].astype(_F32)
 
-  return put
+
+def _stack_reduce(cfg, prods, over_n):
+  """Sums each state-shaped product over N (or D) -> [len(prods), D (or N)] tile."""
+  vals = list(prods)
+  while len(vals) > 1:  # 2-way stacks (Triton joins); the last-added axis is the low bit
+    half = len(vals) // 2
+    vals = [jnp.stack([vals[j], vals[j + half]], axis=-1) for j in range(half)]
+  st = vals[0] if len(prods) > 1 else vals[0][..., None]
+  st = st.reshape(st.shape[:2] + (len(prods),))
+  axis = cfg.n_axis if over_n else 1 - cfg.n_axis
+  return jnp.sum(st, axis=axis).T
 
 
 def _gpu_fwd_kernel(cfg, in_names, out_names, *refs):
   r = dict(zip(in_names + out_names, refs))
   p = _params(cfg, r)
-  shape = r["A"].shape
-  h = r["h0"][...].astype(_F32) if cfg.has_h0 else jnp.zeros(shape, _F32)
-  n_chunks = r["x"].shape[0] // cfg.chunk
+  h = r["h0"][...].astype(_F32) if cfg.has_h0 else jnp.zeros(r["A"].shape, _F32)
+  sub, per_chunk = cfg.sub, cfg.chunk // cfg.sub
 
-  def body(k, h):
-    base = k * cfg.chunk
+  def sub_chunk(k, q, h):
+    base = k * cfg.chunk + q * sub
+    h, prods = _forward_steps(cfg, _gpu_getter(cfg, r, base), h, p, sub)
+    tile = lambda n: _gpu_tile(cfg, r, n, base, sub) if n in r else None
+    y = _gate(cfg, p, _stack_reduce(cfg, prods, over_n=True), tile("x"), tile("z"))
+    r["y"][pl.ds(base, sub), :] = y.astype(r["y"].dtype)
+    return h
+
+  def chunk(k, h):
     if "ckpt" in r:
       r["ckpt"][k] = h
-    return _fwd_chunk(cfg, _gpu_getter(cfg, r, base), _gpu_putter(r, base), h, p,
-                      cfg.chunk)
+    return jax.lax.fori_loop(0, per_chunk, functools.partial(sub_chunk, k), h)
 
-  h = jax.lax.fori_loop(0, n_chunks, body, h)
-  r["hT"][...] = h
+  r["hT"][...] = jax.lax.fori_loop(0, r["x"].shape[0] // cfg.chunk, chunk, h)
 
 
 def _gpu_bwd_kernel(cfg, in_names, out_names, *refs):
   r = dict(zip(in_names + out_names, refs))
   p = _params(cfg, r)
-  shape = r["A"].shape
+  sub, per_chunk = cfg.sub, cfg.chunk // cfg.sub
   n_chunks = r["x"].shape[0] // cfg.chunk
+  scr = r["sub_scr"]  # this program's states at sub-chunk starts (L2-resident)
   dvec = jnp.zeros((cfg.block_d,), _F32)
 
-  def body(kk, carry):
-    k = n_chunks - 1 - kk
-    base = k * cfg.chunk
-    g, acc = carry
-    return _bwd_chunk(cfg, _gpu_getter(cfg, r, base), _gpu_putter(r, base),
-                      r["ckpt"][k], g, acc, p, cfg.chunk)
+  def barrier():
+    if not cfg.interpret:
+      from jax.experimental.pallas import triton as pltr  # pylint: disable=g-import-not-at-top
+      pltr.debug_barrier()
 
-  g0 = r["dhT"][...].astype(_F32)
-  g, (d_a, d_d, d_bias) = jax.lax.fori_loop(
-      0, n_chunks, body, (g0, (jnp.zeros(shape, _F32), dvec, dvec)))
+  def sub_chunk(k, qq, carry):
+    q = per_chunk - 1 - qq
+    base = k * cfg.chunk + q * sub
+    g, d_a, d_d, d_bias = carry
+    accs = {"d_d": d_d, "d_bias": d_bias}
+
+    def finish(i0, prods):
+      n = len(prods)
+      start = base + i0
+      red = {key: _stack_reduce(cfg, [pr[key] for pr in prods], key not in ("dc", "db"))
+             for key in prods[0]}
+      tile = lambda name: _gpu_tile(cfg, r, name, start, n) if name in r else None
+      dx, ddt, dz, dd_term, db_term = _grad_outputs(
+          cfg, p, tile("x"), tile("dt"), tile("z"), tile("dy"),
+          _gpu_tile(cfg, r, "valid", start, n) if cfg.masked else None, red)
+      r["dx"][pl.ds(start, n), :] = dx.astype(r["dx"].dtype)
+      r["ddt"][pl.ds(start, n), :] = ddt.astype(r["ddt"].dtype)
+      if cfg.has_z:
+        r["dz"][pl.ds(start, n), :] = dz.astype(r["dz"].dtype)
+      r["dc"][pl.ds(start, n), :] = red["dc"]
+      r["db"][pl.ds(start, n), :] = red["db"]
+      if cfg.has_d:
+        accs["d_d"] = accs["d_d"] + jnp.sum(dd_term, axis=0)
+      if cfg.has_bias:
+        accs["d_bias"] = accs["d_bias"] + jnp.sum(db_term, axis=0)
+
+    g, d_a = _backward_steps(cfg, _gpu_getter(cfg, r, base), scr[q], g, d_a, p, sub,
+                             finish, cfg.red_batch)
+    return g, d_a, accs["d_d"], accs["d_bias"]
+
+  def chunk(kk, carry):
+    k = n_chunks - 1 - kk
+
+    def save(q, h):
+      scr[q] = h
+      return _advance(cfg, _gpu_getter(cfg, r, k * cfg.chunk + q * sub), h, p, sub)
+
+    jax.lax.fori_loop(0, per_chunk, save, r["ckpt"][k])
+    barrier()  # sub-chunk states written by all threads before any reads them
+    carry = jax.lax.fori_loop(0, per_chunk, functools.partial(sub_chunk, k), carry)
+    barrier()  # ... and read before the next chunk overwrites them
+    return carry
+
+  init = (r["dhT"][...].astype(_F32), jnp.zeros(r["A"].shape, _F32), dvec, dvec)
+  g, d_a, d_d, d_bias = jax.lax.fori_loop(0, n_chunks, chunk, init)
   r["dh0"][...] = g
   r["dA"][...] = d_a
   if cfg.has_d:
@@ -285,17 +357,25 @@ def _gpu_bwd_kernel(cfg, in_names, out_names, *refs):
     r["dbias"][...] = d_bias
 
 
-def _tpu_getter(cfg, blocks, k):
-  """Step i of the current chunk from blocks loaded into VMEM values.
+# TPU (Mosaic): grid (B, D/block_d, T/chunk), one chunk per grid step, fully
+# unrolled; blocks are loaded into VMEM values once and rows sliced statically.
 
-  Rows are static sublane slices; columns (b, c) are turned from a [1, N] row
-  into an [N, 1] column with an identity mask and a lane reduction.
+
+def _eye(n):
+  return (jax.lax.broadcasted_iota(jnp.int32, (n, n), 0)
+          == jax.lax.broadcasted_iota(jnp.int32, (n, n), 1)).astype(_F32)
+
+
+def _tpu_getter(cfg, blocks, k, offset):
+  """Step i of the sub-chunk at `offset` in the current chunk (static slices).
+
+  Columns (b, c) are turned from a [1, N] row into an [N, 1] column with an
+  identity mask and a lane reduction.
   """
-  n = blocks["b"].shape[1]
-  eye = (jax.lax.broadcasted_iota(jnp.int32, (n, n), 0)
-         == jax.lax.broadcasted_iota(jnp.int32, (n, n), 1)).astype(_F32)
+  eye = _eye(blocks["b"].shape[1])
 
   def get(name, i):
+    i = offset + i
     if name == "valid":
       return k * cfg.chunk + i < cfg.seq_len
     row = blocks[name][i:i + 1, :]
@@ -304,21 +384,6 @@ def _tpu_getter(cfg, blocks, k):
     return row
 
   return get
-
-
-def _tpu_putter(scratch):
-  """Rows go to float32 VMEM scratch; n-vectors ([N, 1]) are stored as rows."""
-
-  def put(name, i, val):
-    ref = scratch[name]
-    if val.shape[1] == 1 and ref.shape[1] != 1:  # [N, 1] column -> [1, N] row
-      n = val.shape[0]
-      eye = (jax.lax.broadcasted_iota(jnp.int32, (n, n), 0)
-             == jax.lax.broadcasted_iota(jnp.int32, (n, n), 1)).astype(_F32)
-      val = jnp.sum(eye * val, axis=0, keepdims=True)
-    ref[i:i + 1, :] = val
-
-  return put
 
 
 def _tpu_load_blocks(r, names):
@@ -340,10 +405,14 @@ def _tpu_fwd_kernel(cfg, in_names, out_names, *refs):
   if "ckpt" in r:
     r["ckpt"][...] = h
   blocks = _tpu_load_blocks(r, ("x", "dt", "b", "c", "z", "keep"))
-  h = _fwd_chunk(cfg, _tpu_getter(cfg, blocks, k), _tpu_putter({"y": r["y_scr"]}),
-                 h, _params(cfg, r), cfg.chunk)
+  p = _params(cfg, r)
+  for i0 in range(0, cfg.chunk, cfg.sub):
+    h, prods = _forward_steps(cfg, _tpu_getter(cfg, blocks, k, i0), h, p, cfg.sub)
+    for i, prod in enumerate(prods):
+      r["y_scr"][i0 + i:i0 + i + 1, :] = _sum_n(cfg, prod)
   r["h_scr"][...] = h
-  r["y"][...] = r["y_scr"][...].astype(r["y"].dtype)
+  y = _gate(cfg, p, r["y_scr"][...], blocks["x"], blocks.get("z"))
+  r["y"][...] = y.astype(r["y"].dtype)
 
   @pl.when(k == pl.num_programs(2) - 1)
   def _():
@@ -363,28 +432,53 @@ def _tpu_bwd_kernel(cfg, in_names, out_names, *refs):
   @pl.when(kk == 0)
   def _():
     r["g_scr"][...] = r["dhT"][...].astype(_F32)
-    r["dA"][...] = jnp.zeros(r["dA"].shape, _F32)
-    for name in ("dD", "dbias"):
+    for name in ("dA", "dD", "dbias"):
       if name in r:
         r[name][...] = jnp.zeros(r[name].shape, _F32)
 
   blocks = _tpu_load_blocks(r, ("x", "dt", "b", "c", "z", "keep", "dy"))
-  scratch = {n: r[n + "_scr"] for n in _TPU_BWD_ROWS}
-  zero_row = jnp.zeros((1, cfg.block_d), _F32)
-  acc = (r["dA"][...], r["dD"][...] if cfg.has_d else zero_row,
-         r["dbias"][...] if cfg.has_bias else zero_row)
-  g, (d_a, d_d, d_bias) = _bwd_chunk(
-      cfg, _tpu_getter(cfg, blocks, k), _tpu_putter(scratch), r["ckpt"][...],
-      r["g_scr"][...], acc, _params(cfg, r), cfg.chunk)
+  p = _params(cfg, r)
+  eye = _eye(blocks["b"].shape[1])
+  accs = {n: r[n][...] for n in ("dD", "dbias") if n in r}
+
+  def finish_at(i0):
+    def finish(i, prods):  # one step (batch 1): per-step reductions, rows to scratch
+      i = i0 + i
+      (pr,) = prods
+      red = {key: (_sum_d if key in ("dc", "db") else _sum_n)(cfg, val)
+             for key, val in pr.items()}
+      row = lambda name: blocks[name][i:i + 1, :] if name in blocks else None
+      valid = k * cfg.chunk + i < cfg.seq_len if cfg.masked else None
+      dx, ddt, dz, dd_term, db_term = _grad_outputs(
+          cfg, p, row("x"), row("dt"), row("z"), row("dy"), valid, red)
+      outs = {"dx": dx, "ddt": ddt, "dz": dz,
+              "dc": jnp.sum(eye * red["dc"], axis=0, keepdims=True),  # [N,1] -> [1,N]
+              "db": jnp.sum(eye * red["db"], axis=0, keepdims=True)}
+      for name, val in outs.items():
+        if val is not None:
+          r[name + "_scr"][i:i + 1, :] = val
+      if cfg.has_d:
+        accs["dD"] = accs["dD"] + dd_term
+      if cfg.has_bias:
+        accs["dbias"] = accs["dbias"] + db_term
+    return finish
+
+  subs, h = [], r["ckpt"][...]
+  for i0 in range(0, cfg.chunk, cfg.sub):  # pass 1: states at sub-chunk starts
+    subs.append(h)
+    h = _advance(cfg, _tpu_getter(cfg, blocks, k, i0), h, p, cfg.sub)
+  g, d_a = r["g_scr"][...], r["dA"][...]
+  for q in reversed(range(len(subs))):  # pass 2: reverse scan, one sub-chunk at a time
+    i0 = q * cfg.sub
+    g, d_a = _backward_steps(cfg, _tpu_getter(cfg, blocks, k, i0), subs[q], g, d_a, p,
+                             cfg.sub, finish_at(i0), 1)
   r["g_scr"][...] = g
   r["dA"][...] = d_a
-  if cfg.has_d:
-    r["dD"][...] = d_d
-  if cfg.has_bias:
-    r["dbias"][...] = d_bias
+  for name, val in accs.items():
+    r[name][...] = val
   for name in _TPU_BWD_ROWS:
     if name in r:
-      r[name][...] = scratch[name][...].astype(r[name].dtype)
+      r[name][...] = r[name + "_scr"][...].astype(r[name].dtype)
 
   @pl.when(kk == n_chunks - 1)
   def _():
@@ -554,6 +648,11 @@ def _backward_call(cfg, ins):
     outs.append(("dD", chan_b, sp.chan_b()))
   if cfg.has_bias:
     outs.append(("dbias", chan_b, sp.chan_b()))
+  if not tpu:  # per-program states at sub-chunk starts (re-used each chunk)
+    per_chunk = cfg.chunk // cfg.sub
+    blk = (cfg.block_d, n) if cfg.state_dn else (n, cfg.block_d)
+    outs.append(("sub_scr", sds((bsz, n_d, per_chunk) + blk, _F32),
+                 pl.BlockSpec((None, None, per_chunk) + blk, lambda b, j: (b, j, 0, 0, 0))))
   scratch = []
   if tpu:
     from jax.experimental.pallas import tpu as pltpu  # pylint: disable=g-import-not-at-top
@@ -725,7 +824,7 @@ def _check_shapes(x, dt, a_mat, b, c, d_skip, z, dt_bias, h0, segment_ids):
 def selective_scan_pallas(x, dt, A, b, c, *, d_skip=None, z=None, dt_bias=None,
                           dt_softplus=True, initial_state=None, segment_ids=None,
                           backend=None, interpret=False, block_d=None, chunk=None,
-                          sub_chunk=None, num_warps=None, state_dn=None):
+                          sub_chunk=None, num_warps=None, state_dn=None, reduce_batch=None):
   """Fused selective scan (see the module docstring for the math).
 
   Args:
@@ -745,8 +844,10 @@ def selective_scan_pallas(x, dt, A, b, c, *, d_skip=None, z=None, dt_bias=None,
     interpret: run the Pallas kernels in interpret mode (CPU tests).
     block_d: channels per kernel block (TPU: multiple of 128; GPU: power of 2).
     chunk: time steps per chunk (checkpoint spacing; TPU: multiple of 16).
-    sub_chunk, num_warps, state_dn: tuning knobs (backward sub-chunk length,
-      GPU warps per program, GPU state layout [block_d, N]); None = defaults.
+    sub_chunk, num_warps, state_dn, reduce_batch: tuning knobs (steps per
+      unrolled loop body, which the backward keeps on chip; GPU warps per
+      program; GPU state layout [block_d, N]; GPU steps per batched reduction).
+      None = defaults.
 
   Returns:
     (y [B, T, D] in x.dtype, final_state [B, D, N] float32).
@@ -768,8 +869,13 @@ def selective_scan_pallas(x, dt, A, b, c, *, d_skip=None, z=None, dt_bias=None,
   chunk = min(chunk, _round_up(t, 16))
   if chunk % 8 or (backend == "tpu" and x.dtype.itemsize < 4 and chunk % 16):
     raise ValueError(f"chunk must be a multiple of 8 (16 for 16-bit inputs on TPU), got {chunk}.")
+  sub = min(sub_chunk or d_sub, chunk)
+  red_batch = min(reduce_batch or 8, sub)
+  if chunk % sub or sub & (sub - 1) or red_batch & (red_batch - 1):
+    raise ValueError(f"sub_chunk ({sub}) and reduce_batch ({red_batch}) must be powers of 2 "
+                     f"and sub_chunk must divide chunk ({chunk}).")
   cfg = ScanConfig(
-      backend=backend, seq_len=t, chunk=chunk, sub=min(sub_chunk or d_sub, chunk),
+      backend=backend, seq_len=t, chunk=chunk, sub=sub, red_batch=red_batch,
       block_d=block_d, has_d=d_skip is not None, has_z=z is not None,
       has_bias=dt_bias is not None, has_h0=initial_state is not None,
       has_seg=segment_ids is not None, softplus=bool(dt_softplus),
