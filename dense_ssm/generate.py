@@ -1,0 +1,368 @@
+r"""Text generation with a constant-size decode state.
+
+  python -m dense_ssm.generate --workdir=DIR --prompt="def main(" --max_new_tokens=64
+  python -m dense_ssm.generate --model=EXPORT_DIR --prompt_file=prompts.txt --temperature=0.8 \
+      --top_p=0.95 --seed=1
+
+From Python (`dense_ssm.generate` is this module, and calling it calls `generate`):
+
+  import dense_ssm
+  texts = dense_ssm.generate("EXPORT_DIR", ["a prompt", "another"], max_new_tokens=32)
+
+How it runs. Prompts of different lengths are left-padded into one [B, T] batch, pad tokens in
+segment 0 and prompt tokens in segment 1, so every row's state starts at its own first token and
+its positions restart there. One jitted `start` runs the prefill (the model's chunkwise or kernel
+mode) and samples the first token; then jitted `blocks` each run up to `block_size` decode steps
+inside one `lax.while_loop` (no host round trip per token) that ends early once every row has
+emitted EOS. Sampling key of token i = fold_in(PRNGKey(seed), i), so the output does not depend
+on the block size. Streaming prints the text of each finished block: the host is involved once
+per block, not once per token (a `jax.debug.callback` per token would synchronise the device
+with the host at every step and serialise the loop). Without streaming, one block covers all
+tokens.
+
+Sampling (`temperature`, `top_k`, `top_p`) is traced from runtime scalars: changing them does
+not recompile. temperature = 0 is greedy (argmax).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+import types
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dense_ssm.models import build_model, init_cache
+from dense_ssm.models.config import ModelConfig
+
+DEFAULT_STREAM_BLOCK = 8
+
+
+# ------------------------------------------------------------------------------ sampling
+
+
+def sample_logits(logits_BxV, key, temperature, top_k, top_p):
+  """Next token per row. temperature <= 0: argmax. Else softmax(logits / temperature) restricted
+  to the `top_k` largest logits (0: all) and to the smallest set of those whose probability
+  reaches `top_p` (1: all). All three may be traced scalars. Row r draws with fold_in(key, r),
+  so a row's sample does not depend on the other rows of the batch."""
+  logits_BxV = logits_BxV.astype(jnp.float32)
+  v = logits_BxV.shape[-1]
+  greedy_B = jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
+  x_BxV = logits_BxV / jnp.maximum(temperature, 1e-6)
+  sorted_BxV = -jnp.sort(-x_BxV, axis=-1)  # descending
+  k = jnp.where(top_k > 0, jnp.minimum(top_k, v), v)
+  in_k_V = jnp.arange(v) < k
+  sorted_BxV = jnp.where(in_k_V, sorted_BxV, -jnp.inf)
+  probs_BxV = jax.nn.softmax(sorted_BxV, axis=-1)
+  keep_BxV = (jnp.cumsum(probs_BxV, axis=-1) - probs_BxV < top_p) & in_k_V
+  n_keep_B = jnp.maximum(jnp.sum(keep_BxV, axis=-1), 1)
+  cutoff_B = jnp.take_along_axis(sorted_BxV, (n_keep_B - 1)[:, None], axis=-1)
+  x_BxV = jnp.where(x_BxV >= cutoff_B, x_BxV, -jnp.inf)
+  keys_B = jax.vmap(jax.random.fold_in, (None, 0))(key, jnp.arange(x_BxV.shape[0]))
+  sampled_B = jax.vmap(jax.random.categorical)(keys_B, x_BxV).astype(jnp.int32)
+  return jnp.where(temperature > 0, sampled_B, greedy_B)
+
+
+# ------------------------------------------------------------------------------ pure steps
+
+
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int = 0,
+             length: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+  """(tokens [B,T], segment_ids [B,T]): rows right-aligned, pads in segment 0, prompt in 1."""
+  if not prompts or any(len(p) == 0 for p in prompts):
+    raise ValueError("empty prompt: every prompt needs at least one token (with add_bos, even "
+                     "'' has BOS; give non-empty text).")
+  t = max(len(p) for p in prompts) if length is None else length
+  if t < max(len(p) for p in prompts):
+    raise ValueError(f"a prompt has {max(len(p) for p in prompts)} tokens, more than {t}.")
+  tokens = np.full((len(prompts), t), pad_id, np.int32)
+  seg = np.zeros((len(prompts), t), np.int32)
+  for i, p in enumerate(prompts):
+    tokens[i, t - len(p):] = np.asarray(p, np.int32)
+    seg[i, t - len(p):] = 1
+  return tokens, seg
+
+
+def inference_config(cfg: ModelConfig) -> ModelConfig:
+  """No dropout or rematerialisation; the prefill never uses the O(T^2) parallel form."""
+  import dataclasses  # pylint: disable=g-import-not-at-top
+  mode = "chunkwise" if cfg.family in ("dense_retnet", "retnet_ffn") else cfg.mode
+  return dataclasses.replace(cfg, dropout=0.0, remat=False, mode=mode)
+
+
+def start(cfg: ModelConfig, params, tokens_BxT, segment_ids_BxT, key, temperature, top_k, top_p,
+          eos_id, *, max_new_tokens: int):
+  """Prefill + first sampled token. Returns the loop carry {"cache", "token" [B] (last emitted),
+  "done" [B], "count" (tokens emitted), "key", "sampling", "eos"}. eos_id < 0: never stop."""
+  model = build_model(cfg)
+  b, t = tokens_BxT.shape
+  cache = init_cache(cfg, b, t + max_new_tokens if cfg.family == "transformer" else 0)
+  logits_BxTxV, cache = model.apply({"params": params}, tokens_BxT, cache, segment_ids_BxT,
+                                    method=model.prefill)
+  sampling = (jnp.asarray(temperature, jnp.float32), jnp.asarray(top_k, jnp.int32),
+              jnp.asarray(top_p, jnp.float32))
+  eos = jnp.asarray(eos_id, jnp.int32)
+  tok_B = sample_logits(logits_BxTxV[:, -1], jax.random.fold_in(key, 0), *sampling)
+  return {"cache": cache, "token": tok_B, "done": tok_B == eos, "count": jnp.ones((), jnp.int32),
+          "key": key, "sampling": sampling, "eos": eos}
+
+
+def decode_block(cfg: ModelConfig, params, carry, limit, *, block_size: int, pad_id: int):
+  """Up to min(block_size, limit) decode steps in one while_loop; stops early once all rows are
+  done. Returns (carry, tokens [B, block_size] (pad_id past the end), n_new)."""
+  model = build_model(cfg)
+  b = carry["token"].shape[0]
+
+  def cond(state):
+    i, c, _ = state
+    return (i < jnp.minimum(block_size, limit)) & ~jnp.all(c["done"])
+
+  def body(state):
+    i, c, out_BxN = state
+    logits_BxV, cache = model.apply({"params": params}, c["token"], c["cache"],
+                                    method=model.decode_step)
+    tok_B = sample_logits(logits_BxV, jax.random.fold_in(c["key"], c["count"]), *c["sampling"])
+    tok_B = jnp.where(c["done"], pad_id, tok_B)
+    out_BxN = jax.lax.dynamic_update_slice_in_dim(out_BxN, tok_B[:, None], i, axis=1)
+    c = {**c, "cache": cache, "token": tok_B, "done": c["done"] | (tok_B == c["eos"]),
+         "count": c["count"] + 1}
+    return i + 1, c, out_BxN
+
+  out = jnp.full((b, block_size), pad_id, jnp.int32)
+  n, carry, out = jax.lax.while_loop(cond, body, (jnp.zeros((), jnp.int32), carry, out))
+  return carry, out, n
+
+
+def generate_tokens(cfg: ModelConfig, params, tokens_BxT, segment_ids_BxT, key, temperature=0.0,
+                    top_k=0, top_p=1.0, eos_id=-1, *, max_new_tokens: int, pad_id: int = 0):
+  """The whole generation as one traceable function (what `jax.export` serialises):
+  [B, max_new_tokens] tokens, pad_id after a row's EOS."""
+  carry = start(cfg, params, tokens_BxT, segment_ids_BxT, key, temperature, top_k, top_p, eos_id,
+                max_new_tokens=max_new_tokens)
+  first = carry["token"][:, None]
+  if max_new_tokens == 1:
+    return first
+  _, rest, _ = decode_block(cfg, params, carry, max_new_tokens - 1,
+                            block_size=max_new_tokens - 1, pad_id=pad_id)
+  return jnp.concatenate([first, rest], axis=1)
+
+
+@functools.lru_cache(maxsize=16)
+def _jitted(cfg: ModelConfig, max_new_tokens: int, block_size: int, pad_id: int):
+  """(whole generation, start, decode block), jitted for one configuration."""
+  whole_fn = jax.jit(functools.partial(generate_tokens, cfg, max_new_tokens=max_new_tokens,
+                                       pad_id=pad_id))
+  start_fn = jax.jit(functools.partial(start, cfg, max_new_tokens=max_new_tokens))
+  block_fn = jax.jit(functools.partial(decode_block, cfg, block_size=block_size, pad_id=pad_id),
+                     donate_argnums=(1,))
+  return whole_fn, start_fn, block_fn
+
+
+# ------------------------------------------------------------------------------ host loop
+
+
+def generate_ids(cfg: ModelConfig, params, prompts: Sequence[Sequence[int]], *,
+                 max_new_tokens: int = 64, temperature: float = 0.0, top_k: int = 0,
+                 top_p: float = 1.0, seed: int = 0, eos_id: int = 2, pad_id: int = 0,
+                 stop_at_eos: bool = True, block_size: int | None = None,
+                 on_block: Callable[[list[list[int]]], None] | None = None) -> list[list[int]]:
+  """Generates from token-id prompts; returns each row's new ids (EOS included, nothing after).
+
+  Without `on_block`, one jitted call does everything. With it (streaming), `on_block(ids per
+  row so far)` is called after the first token and after each block of `block_size` (default 8)
+  decode steps.
+  """
+  _check_sampling(max_new_tokens, temperature, top_k, top_p)
+  cfg = inference_config(cfg)
+  tokens, seg = left_pad(prompts, pad_id)
+  block_size = block_size or DEFAULT_STREAM_BLOCK
+  whole_fn, start_fn, block_fn = _jitted(cfg, max_new_tokens, block_size, pad_id)
+  key = jax.random.PRNGKey(seed)
+  eos = eos_id if stop_at_eos else -1
+  args = (params, tokens, seg, key, temperature, top_k, top_p, eos)
+  if on_block is None:  # one jitted call: prefill and the decode loop
+    out = np.asarray(whole_fn(*args))
+    return [_cut(row.tolist(), eos) for row in out]
+  carry = start_fn(*args)
+  outs = [[int(t)] for t in np.asarray(carry["token"])]
+  on_block([list(o) for o in outs])
+  done = np.asarray(carry["done"])
+  remaining = max_new_tokens - 1
+  while remaining > 0 and not done.all():
+    carry, new, n = block_fn(params, carry, min(block_size, remaining))
+    n = int(n)
+    new = np.asarray(new)[:, :n]
+    for row, was_done in enumerate(done):
+      if not was_done:
+        outs[row].extend(int(t) for t in new[row])
+    done = np.asarray(carry["done"])
+    remaining -= n
+    on_block([list(o) for o in outs])
+  return [_cut(o, eos) for o in outs]
+
+
+def _cut(ids: list[int], eos_id: int) -> list[int]:
+  """Up to and including the first EOS (what follows it is padding)."""
+  if eos_id in ids:
+    return ids[:ids.index(eos_id) + 1]
+  return ids
+
+
+def _check_sampling(max_new_tokens, temperature, top_k, top_p) -> None:
+  if max_new_tokens < 1:
+    raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1.")
+  if temperature < 0:
+    raise ValueError(f"temperature={temperature} must be >= 0 (0 = greedy).")
+  if top_k < 0:
+    raise ValueError(f"top_k={top_k} must be >= 0 (0 = off).")
+  if not 0.0 < top_p <= 1.0:
+    raise ValueError(f"top_p={top_p} must be in (0, 1] (1 = off).")
+
+
+class _TextStream:
+  """Turns growing id lists into printable text deltas (holds back an unfinished UTF-8 piece)."""
+
+  def __init__(self, tokenizer, eos_id: int, write: Callable[[list[str]], None]):
+    self.tokenizer, self.eos_id, self.write = tokenizer, eos_id, write
+    self.shown: list[str] | None = None
+
+  def text(self, ids: list[int]) -> str:
+    if self.eos_id in ids:
+      ids = ids[:ids.index(self.eos_id)]
+    return self.tokenizer.decode(ids)
+
+  def __call__(self, rows: list[list[int]]) -> None:
+    texts = [self.text(r).rstrip("\ufffd") for r in rows]
+    if self.shown is None:
+      self.shown = [""] * len(rows)
+    deltas = [t[len(s):] if t.startswith(s) else t for t, s in zip(texts, self.shown)]
+    self.shown = texts
+    self.write(deltas)
+
+
+def generate(source, prompts: str | Sequence[str], *, max_new_tokens: int = 64,
+             temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
+             stop_at_eos: bool = True, stream: bool | Callable[[list[str]], None] = False,
+             block_size: int | None = None) -> str | list[str]:
+  """Generates text continuations.
+
+  Args:
+    source: a `Pretrained` (from `load_pretrained` / `load_workdir`), an export directory or a
+      training workdir.
+    prompts: one string (returns one string) or a list of strings (returns a list).
+    stream: True prints each block of new text to stdout as it is made (one prompt), or a
+      callable receiving the list of new text per prompt after every block.
+  Returns the continuation(s), without the prompt and without EOS.
+  """
+  from dense_ssm import export  # pylint: disable=g-import-not-at-top
+
+  pre = source if isinstance(source, export.Pretrained) else export.load_any(os.fspath(source))
+  if pre.tokenizer is None:
+    raise ValueError(f"{pre.source} has no tokenizer; use generate_ids with token ids, or "
+                     "export with the tokenizer.")
+  single = isinstance(prompts, str)
+  texts = [prompts] if single else list(prompts)
+  if not texts:
+    raise ValueError("no prompts given.")
+  for i, t in enumerate(texts):
+    if not t:
+      raise ValueError(f"prompt {i} is empty; give some text to continue.")
+  ids = [([pre.bos_id] if pre.add_bos else []) + pre.tokenizer.encode(t) for t in texts]
+  on_block = None
+  if stream:
+    write = stream if callable(stream) else _print_deltas
+    on_block = _TextStream(pre.tokenizer, pre.eos_id, write)
+  out = generate_ids(pre.cfg, pre.params, ids, max_new_tokens=max_new_tokens,
+                     temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+                     eos_id=pre.eos_id, pad_id=pre.pad_id, stop_at_eos=stop_at_eos,
+                     block_size=block_size, on_block=on_block)
+  decoded = [_TextStream(pre.tokenizer, pre.eos_id, print).text(o) for o in out]
+  return decoded[0] if single else decoded
+
+
+def _print_deltas(deltas: list[str]) -> None:
+  if len(deltas) == 1:
+    sys.stdout.write(deltas[0])
+    sys.stdout.flush()
+
+
+# ------------------------------------------------------------------------------ CLI
+
+
+def main(argv=None) -> int:
+  import argparse  # pylint: disable=g-import-not-at-top
+  import time  # pylint: disable=g-import-not-at-top
+
+  p = argparse.ArgumentParser(prog="python -m dense_ssm.generate",
+                              description="Generate text from a training run or an export.")
+  src = p.add_mutually_exclusive_group(required=True)
+  src.add_argument("--workdir", help="training run directory (latest checkpoint)")
+  src.add_argument("--model", help="export directory (python -m dense_ssm.export)")
+  p.add_argument("--step", type=int, default=None, help="checkpoint step of --workdir")
+  p.add_argument("--prompt", action="append", default=[],
+                 help="prompt text (repeat for a batch); \\n is a newline")
+  p.add_argument("--prompt_file", help="file of prompts, one per line ('-': stdin)")
+  p.add_argument("--max_new_tokens", type=int, default=64)
+  p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+  p.add_argument("--top_k", type=int, default=0, help="0 = off")
+  p.add_argument("--top_p", type=float, default=1.0, help="1 = off")
+  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--ignore_eos", action="store_true", help="always make max_new_tokens tokens")
+  p.add_argument("--no_stream", action="store_true", help="print only when finished")
+  p.add_argument("--block_size", type=int, default=DEFAULT_STREAM_BLOCK,
+                 help="tokens per jitted decode block when streaming")
+  p.add_argument("--dtype", default=None, help="compute dtype override, e.g. bfloat16")
+  p.add_argument("--traceback", action="store_true", help="show tracebacks of errors")
+  a = p.parse_args(argv)
+  try:
+    prompts = [s.replace("\\n", "\n") for s in a.prompt]
+    if a.prompt_file:
+      f = sys.stdin if a.prompt_file == "-" else open(a.prompt_file, encoding="utf-8")
+      with f:
+        prompts += [line.rstrip("\n").replace("\\n", "\n") for line in f if line.strip()]
+    if not prompts:
+      raise ValueError("no prompt: give --prompt=TEXT or --prompt_file=FILE.")
+    _check_sampling(a.max_new_tokens, a.temperature, a.top_k, a.top_p)
+    from dense_ssm import export  # pylint: disable=g-import-not-at-top
+    pre = (export.load_workdir(a.workdir, a.step, dtype=a.dtype) if a.workdir else
+           export.load_pretrained(a.model, dtype=a.dtype))
+    stream = not a.no_stream and len(prompts) == 1
+    if stream:
+      sys.stdout.write(prompts[0])
+      sys.stdout.flush()
+    t0 = time.perf_counter()
+    outs = generate(pre, prompts, max_new_tokens=a.max_new_tokens, temperature=a.temperature,
+                    top_k=a.top_k, top_p=a.top_p, seed=a.seed, stop_at_eos=not a.ignore_eos,
+                    stream=stream, block_size=a.block_size if stream else None)
+    dt = time.perf_counter() - t0
+    if stream:
+      print()
+    else:
+      for i, (prompt, out) in enumerate(zip(prompts, outs)):
+        print(f"--- [{i}] ---\n{prompt}{out}")
+    print(f"[{len(prompts)} prompt(s), {dt:.2f}s incl. compilation, {pre.source}]",
+          file=sys.stderr)
+  except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as e:
+    if a.traceback:
+      raise
+    print(f"dense_ssm.generate: error: {e}", file=sys.stderr)
+    return 1
+  return 0
+
+
+class _CallableModule(types.ModuleType):
+  """`dense_ssm.generate` is this module once imported; calling it calls `generate`."""
+
+  def __call__(self, *args, **kwargs):
+    return generate(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule
+
+if __name__ == "__main__":
+  sys.exit(main())
