@@ -6,8 +6,8 @@ An export directory holds everything inference needs, and nothing of training:
   OUT/model.safetensors    the params, flat names such as "layers_0/self_attn/q_proj/kernel"
   OUT/tokenizer.model      the SentencePiece model (when the run had one)
   OUT/serving/             (--serving) jax.export StableHLO of prefill, decode_step and a whole
-                           sampling generation, with `serve.py`, a loader that imports only
-                           jax and numpy (see dense_ssm/serving.py)
+                           sampling generation, a manifest, and `serve.py`, a loader that
+                           imports only jax and numpy (a copy of dense_ssm/serve.py)
 
 `load_pretrained(OUT)` returns a `Pretrained` (config, params, tokenizer) without Orbax or any
 training state; `load_workdir(DIR)` reads the params (only) of a training run's latest Orbax
@@ -55,20 +55,20 @@ class Pretrained:
 # ------------------------------------------------------------------------------ flat params
 
 
-def flatten_params(params: Mapping[str, Any]) -> dict[str, np.ndarray]:
-  """Nested params -> {"a/b/c": array}; Flax boxes (logical partitioning) are unwrapped."""
+def _flat_leaves(tree, prefix: str = "") -> dict[str, Any]:
+  """Nested mapping -> {"a/b/c": leaf}; Flax boxes (logical partitioning) are unwrapped."""
+  tree = getattr(tree, "value", tree)
+  if not hasattr(tree, "keys"):
+    return {prefix[:-1]: tree}
   out = {}
-
-  def walk(node, prefix):
-    node = getattr(node, "value", node)
-    if isinstance(node, Mapping):
-      for k, v in node.items():
-        walk(v, f"{prefix}{k}/")
-    else:
-      out[prefix[:-1]] = np.asarray(node)
-
-  walk(params, "")
+  for k in tree.keys():
+    out.update(_flat_leaves(tree[k], f"{prefix}{k}/"))
   return out
+
+
+def flatten_params(params: Mapping[str, Any]) -> dict[str, np.ndarray]:
+  """Nested params -> {"a/b/c": numpy array}."""
+  return {k: np.asarray(v) for k, v in _flat_leaves(params).items()}
 
 
 def unflatten_params(flat: Mapping[str, Any]) -> dict[str, Any]:
@@ -229,9 +229,8 @@ def load_workdir(workdir: str, step: int | None = None, *,
   cfg = ModelConfig.from_dict(config["model"])
   shapes = expected_shapes(cfg)
   meta = ocp.PyTreeCheckpointer().metadata(os.path.join(ckpt, "state"))
-  saved = flatten_params(_metadata_tree(meta)["params"])
-  check_params({k: np.empty(getattr(v, "shape", ()), np.int8) for k, v in saved.items()}, cfg,
-               ckpt)
+  saved = _flat_leaves(getattr(meta, "item_metadata", meta)["params"])
+  check_params({k: np.empty(v.shape, np.int8) for k, v in saved.items()}, cfg, ckpt)
   sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   dt = jax.numpy.dtype(cfg.param_dtype)
   target = {"params": unflatten_params(
@@ -254,11 +253,6 @@ def load_workdir(workdir: str, step: int | None = None, *,
                     add_bos=bool(data.get("add_bos", True)), source=f"{workdir}@{step}")
 
 
-def _metadata_tree(meta):
-  tree = getattr(meta, "tree", meta)
-  return tree
-
-
 def load_any(path: str, *, dtype: str | None = None) -> Pretrained:
   """An export directory (has config.json) or a training workdir (has checkpoints/)."""
   if os.path.exists(os.path.join(path, CONFIG_FILE)):
@@ -269,7 +263,79 @@ def load_any(path: str, *, dtype: str | None = None) -> Pretrained:
                           "training workdir (no checkpoints/); check the path.")
 
 
+# ------------------------------------------------------------------------------ serving
+
+
+def export_serving(pre: Pretrained, out: str, *, batch: int | None = None, prompt_len: int = 128,
+                   max_new_tokens: int = 64,
+                   platforms: tuple[str, ...] | None = None) -> list[str]:
+  """Writes jax.export artifacts of prefill, decode_step and generate, a manifest and serve.py
+  (the jax+numpy loader) to `out`; returns the file names.
+
+  Shapes: batch `batch` (None: symbolic, any batch), prompts padded to `prompt_len`;
+  `platforms` (e.g. ("cpu", "cuda", "tpu")) defaults to this machine's backend. The ops use
+  their XLA forms (impl=xla), which lower on every platform.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from jax import export as jax_export  # pylint: disable=g-import-not-at-top
+
+  from dense_ssm import generate as gen  # pylint: disable=g-import-not-at-top
+  from dense_ssm.models import build_model, init_cache  # pylint: disable=g-import-not-at-top
+
+  cfg = dataclasses.replace(gen.inference_config(pre.cfg), impl="xla")
+  model = build_model(cfg)
+  b = jax_export.symbolic_shape("b")[0] if batch is None else batch
+  cache_len = prompt_len + max_new_tokens if cfg.family == "transformer" else 0
+  params = jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a), a.dtype), pre.params)
+  ids = jax.ShapeDtypeStruct((b, prompt_len), jnp.int32)
+  scalar = lambda dt: jax.ShapeDtypeStruct((), dt)  # pylint: disable=unnecessary-lambda-assignment
+
+  def prefill(p, tokens_BxT, segment_ids_BxT):
+    cache = init_cache(cfg, tokens_BxT.shape[0], cache_len)
+    return model.apply({"params": p}, tokens_BxT, cache, segment_ids_BxT, method=model.prefill)
+
+  def decode_step(p, tokens_B, cache):
+    return model.apply({"params": p}, tokens_B, cache, method=model.decode_step)
+
+  def generate(p, tokens_BxT, segment_ids_BxT, key, temperature, top_k, top_p, eos_id):
+    return gen.generate_tokens(cfg, p, tokens_BxT, segment_ids_BxT, key, temperature, top_k,
+                               top_p, eos_id, max_new_tokens=max_new_tokens, pad_id=pre.pad_id)
+
+  kw = {} if platforms is None else {"platforms": tuple(platforms)}
+  cache = jax.eval_shape(prefill, params, ids, ids)[1]
+  exported = {
+      "prefill": jax_export.export(jax.jit(prefill), **kw)(params, ids, ids),
+      "decode_step": jax_export.export(jax.jit(decode_step), **kw)(
+          params, jax.ShapeDtypeStruct((b,), jnp.int32), cache),
+      "generate": jax_export.export(jax.jit(generate), **kw)(
+          params, ids, ids, jax.ShapeDtypeStruct((2,), jnp.uint32), scalar(jnp.float32),
+          scalar(jnp.int32), scalar(jnp.float32), scalar(jnp.int32)),
+  }
+  os.makedirs(out, exist_ok=True)
+  files = []
+  for name, exp in exported.items():
+    with open(os.path.join(out, f"{name}.jax"), "wb") as f:
+      f.write(exp.serialize())
+    files.append(f"{name}.jax")
+  manifest = {"prompt_len": prompt_len, "max_new_tokens": max_new_tokens,
+              "batch": batch or "any", "platforms": list(exported["generate"].platforms),
+              "family": cfg.family, "bos_id": pre.bos_id, "eos_id": pre.eos_id,
+              "pad_id": pre.pad_id, "add_bos": pre.add_bos}
+  with open(os.path.join(out, "manifest.json"), "w") as f:
+    json.dump(manifest, f, indent=2)
+  shutil.copyfile(os.path.join(os.path.dirname(os.path.abspath(__file__)), "serve.py"),
+                  os.path.join(out, "serve.py"))
+  return files + ["manifest.json", "serve.py"]
+
+
 # ------------------------------------------------------------------------------ CLI
+
+
+def quiet_logs() -> None:
+  """CLI consoles show our lines and errors, not Orbax's informational absl warnings."""
+  from absl import logging  # pylint: disable=g-import-not-at-top
+  logging.set_verbosity(logging.ERROR)
 
 
 def main(argv=None) -> int:
@@ -283,22 +349,26 @@ def main(argv=None) -> int:
   p.add_argument("--dtype", default=None, help="cast params, e.g. bfloat16 (default: as saved)")
   p.add_argument("--serving", action="store_true",
                  help="also write serving/: jax.export artifacts and a jax+numpy loader")
-  p.add_argument("--serving_batch", type=int, default=1, help="batch size of the artifacts")
+  p.add_argument("--serving_batch", type=int, default=0,
+                 help="batch size of the artifacts (0: any batch size)")
   p.add_argument("--serving_prompt_len", type=int, default=128,
                  help="prompt length of the artifacts (shorter prompts are left-padded)")
   p.add_argument("--serving_new_tokens", type=int, default=64,
                  help="tokens generated by the serialized generation")
+  p.add_argument("--serving_platforms", default="cpu,cuda,tpu",
+                 help="comma-separated platforms the artifacts run on ('': this machine's)")
   p.add_argument("--traceback", action="store_true", help="show tracebacks of errors")
   a = p.parse_args(argv)
+  quiet_logs()
   try:
     pre = load_workdir(a.workdir, a.step)
     save_pretrained(pre, a.out, dtype=a.dtype)
     print(f"exported {pre.source} ({pre.cfg.family}) to {a.out}")
     if a.serving:
-      from dense_ssm import serving  # pylint: disable=g-import-not-at-top
-      files = serving.export_serving(load_pretrained(a.out), os.path.join(a.out, "serving"),
-                                     batch=a.serving_batch, prompt_len=a.serving_prompt_len,
-                                     max_new_tokens=a.serving_new_tokens)
+      platforms = tuple(x for x in a.serving_platforms.split(",") if x) or None
+      files = export_serving(load_pretrained(a.out), os.path.join(a.out, "serving"),
+                             batch=a.serving_batch or None, prompt_len=a.serving_prompt_len,
+                             max_new_tokens=a.serving_new_tokens, platforms=platforms)
       print(f"serving artifacts: {', '.join(files)}")
   except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as e:
     if a.traceback:
@@ -306,10 +376,6 @@ def main(argv=None) -> int:
     print(f"dense_ssm.export: error: {e}", file=sys.stderr)
     return 1
   return 0
-
-
-def copy_tokenizer(src: str, out: str) -> None:
-  shutil.copyfile(src, os.path.join(out, TOKENIZER_FILE))
 
 
 if __name__ == "__main__":

@@ -319,6 +319,8 @@ def main(argv=None) -> int:
   p.add_argument("--dtype", default=None, help="compute dtype override, e.g. bfloat16")
   p.add_argument("--traceback", action="store_true", help="show tracebacks of errors")
   a = p.parse_args(argv)
+  from dense_ssm import export  # pylint: disable=g-import-not-at-top
+  export.quiet_logs()
   try:
     prompts = [s.replace("\\n", "\n") for s in a.prompt]
     if a.prompt_file:
@@ -328,7 +330,6 @@ def main(argv=None) -> int:
     if not prompts:
       raise ValueError("no prompt: give --prompt=TEXT or --prompt_file=FILE.")
     _check_sampling(a.max_new_tokens, a.temperature, a.top_k, a.top_p)
-    from dense_ssm import export  # pylint: disable=g-import-not-at-top
     pre = (export.load_workdir(a.workdir, a.step, dtype=a.dtype) if a.workdir else
            export.load_pretrained(a.model, dtype=a.dtype))
     stream = not a.no_stream and len(prompts) == 1
