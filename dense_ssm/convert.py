@@ -1,15 +1,29 @@
-"""Reference-checkpoint conversion (SPEC section 6): PyTorch state dicts of the original DenseRetNet
-code <-> our params. Linear weights are stored [out, in] there and [in, out] here.
+r"""Checkpoint conversion: PyTorch state dicts <-> our params, and the converter CLI.
 
-  params = from_reference(load_state_dict("pytorch_model.bin"), cfg)
-  state_dict = to_reference(params, cfg)          # numpy arrays under the reference names
+  - the original DenseRetNet code (SPEC section 6):
+      params = from_reference(load_state_dict("pytorch_model.bin"), cfg)
+      state_dict = to_reference(params, cfg)        # numpy arrays under the reference names
+  - Hugging Face `MambaForCausalLM` (and mamba_ssm's own names): from_hf_mamba(state_dict, cfg)
 
-torch (for .bin files) and safetensors are imported only when a file is read.
+Linear weights are stored [out, in] there and [in, out] here. The CLI writes an export
+directory (dense_ssm/export.py) that `dense_ssm.load_pretrained` and `python -m
+dense_ssm.generate --model=OUT` read:
+
+  python -m dense_ssm.convert retnet --checkpoint=DIR_OR_FILE --out=OUT [--config=config.json]
+      [--tokenizer=tokenizer.model] [--dense_layers=M]
+  python -m dense_ssm.convert mamba-hf --checkpoint=DIR --out=OUT [--tokenizer=SPM.model]
+
+DIR holds config.json, the weights (model.safetensors, pytorch_model.bin, or shards with their
+*.index.json) and, for DenseRetNet, tokenizer.model. torch (for .bin files) and safetensors are
+imported only when a file is read; torch is the optional `convert` extra.
 """
 
 from __future__ import annotations
 
+import json
+import math
 import os
+import sys
 from typing import Any, Mapping
 
 import numpy as np
@@ -133,9 +147,251 @@ def load_state_dict(path: str) -> dict[str, Any]:
     raise ValueError(f"{path!r} is not a loadable torch state dict ({type(e).__name__}: {e}).")
   if not isinstance(sd, Mapping):
     raise ValueError(f"{path!r} holds a {type(sd).__name__}, not a state dict of tensors.")
+  bad = next((k for k, v in sd.items() if not hasattr(v, "shape")), None)
+  if bad is not None:
+    raise ValueError(f"{path!r} is a dict but {bad!r} holds a {type(sd[bad]).__name__}, not a "
+                     "tensor: not a state dict (a training checkpoint? save its model's "
+                     "state_dict()).")
   return dict(sd)
 
 
 def reference_vocab_size(state_dict: Mapping[str, Any]) -> int:
   """Released checkpoints use 32001 (a pad token appended); read it off the embedding."""
   return int(_to_numpy(state_dict["model.embed_tokens.weight"]).shape[0])
+
+
+# ------------------------------------------------------------------------------ files and configs
+
+
+def load_checkpoint(path: str) -> dict[str, Any]:
+  """A weights file, or a directory with model.safetensors / pytorch_model.bin or sharded
+  weights listed by a *.index.json."""
+  if not os.path.isdir(path):
+    return load_state_dict(path)
+  for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+    if os.path.exists(os.path.join(path, index)):
+      with open(os.path.join(path, index)) as f:
+        shards = sorted(set(json.load(f)["weight_map"].values()))
+      sd: dict[str, Any] = {}
+      for shard in shards:
+        sd.update(load_state_dict(os.path.join(path, shard)))
+      return sd
+  for name in ("model.safetensors", "pytorch_model.bin"):
+    if os.path.exists(os.path.join(path, name)):
+      return load_state_dict(os.path.join(path, name))
+  raise FileNotFoundError(f"{path!r} has no model.safetensors, pytorch_model.bin or shard index; "
+                          "pass the weights file as --checkpoint.")
+
+
+def read_json(path: str) -> dict[str, Any]:
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"config {path!r} does not exist; pass --config=PATH/config.json.")
+  with open(path) as f:
+    return json.load(f)
+
+
+def _rows(state_dict, name) -> int:
+  return int(_to_numpy(state_dict[name]).shape[0])
+
+
+def reference_config(ref: Mapping[str, Any], state_dict: Mapping[str, Any],
+                     dense_layers: int | None = None) -> ModelConfig:
+  """ModelConfig of a DenseRetNet checkpoint from its config.json (keys of the reference code:
+  hidden_size, query_key_dim, num_attention_heads, num_hidden_layers, v_factor, rms_norm_eps,
+  dense_block_layers). vocab_size and the gate ratios r_k, r_v come from the weights' shapes
+  (released checkpoints: vocab 32001; ratios differ by size)."""
+  from dense_ssm.models.config import DenseConfig  # pylint: disable=g-import-not-at-top
+
+  missing = [k for k in ("hidden_size", "query_key_dim", "num_attention_heads",
+                         "num_hidden_layers") if k not in ref]
+  if missing:
+    raise ValueError(f"config.json lacks {missing}: is it a DenseRetNet config (keys "
+                     "hidden_size, query_key_dim, num_attention_heads, num_hidden_layers)?")
+  if "model.embed_tokens.weight" not in state_dict:
+    raise ValueError("state dict has no model.embed_tokens.weight: not a DenseRetNet checkpoint.")
+  h = int(ref["hidden_size"])
+  m = int(ref.get("dense_block_layers", 2)) if dense_layers is None else dense_layers
+  fc1 = "model.layers.0.self_attn.{}_select.fc1.weight"
+  r_k = h // _rows(state_dict, fc1.format("k")) if fc1.format("k") in state_dict else 32
+  r_v = h // _rows(state_dict, fc1.format("v")) if fc1.format("v") in state_dict else 32
+  return ModelConfig(
+      family="dense_retnet", vocab_size=reference_vocab_size(state_dict),
+      num_layers=int(ref["num_hidden_layers"]), hidden_size=h, qk_dim=int(ref["query_key_dim"]),
+      num_heads=int(ref["num_attention_heads"]), v_factor=int(ref.get("v_factor", 2)),
+      norm_eps=float(ref.get("rms_norm_eps", 1e-6)), tie_embeddings=False,
+      max_len=int(ref.get("max_position_embeddings", 2048)),
+      dense=DenseConfig(layers=m, r_k=r_k, r_v=r_v))
+
+
+# ------------------------------------------------------------------------------ HF Mamba
+
+
+def _mamba_prefix(state_dict: Mapping[str, Any]) -> str:
+  for p in ("backbone.", ""):
+    if any(k.startswith(p + "layers.0.mixer.") for k in state_dict):
+      return p
+  raise ValueError("state dict has no backbone.layers.0.mixer.* keys: not a Mamba checkpoint "
+                   "(MambaForCausalLM names).")
+
+
+def _mamba_embedding_key(state_dict, prefix) -> str:
+  for name in ("embeddings.weight", "embedding.weight"):
+    if prefix + name in state_dict:
+      return prefix + name
+  raise ValueError(f"state dict has no {prefix}embeddings.weight: not a Mamba checkpoint.")
+
+
+def hf_mamba_config(hf: Mapping[str, Any], state_dict: Mapping[str, Any]) -> ModelConfig:
+  """ModelConfig of a Mamba-1 checkpoint from its config.json (transformers' MambaConfig keys,
+  or mamba_ssm's d_model / n_layer). vocab_size comes from the embedding's shape."""
+  from dense_ssm.models.config import DenseConfig  # pylint: disable=g-import-not-at-top
+
+  if hf.get("use_bias", False):
+    raise ValueError("config.json has use_bias=true (biases on in_proj/out_proj): not supported "
+                     "by this Mamba implementation.")
+  if hf.get("hidden_act", "silu") != "silu":
+    raise ValueError(f"config.json hidden_act={hf['hidden_act']!r}: only silu is supported.")
+  h = int(hf.get("hidden_size", hf.get("d_model", 0)))
+  layers = int(hf.get("num_hidden_layers", hf.get("n_layer", 0)))
+  if not h or not layers:
+    raise ValueError("config.json lacks hidden_size/d_model or num_hidden_layers/n_layer: is it "
+                     "a Mamba config?")
+  ssm = hf.get("ssm_cfg", {}) or {}
+  expand = hf.get("expand", ssm.get("expand", 2))
+  rank = hf.get("time_step_rank", ssm.get("dt_rank", "auto"))
+  rank = math.ceil(h / 16) if rank == "auto" else int(rank)
+  prefix = _mamba_prefix(state_dict)
+  return ModelConfig(
+      family="mamba", vocab_size=_rows(state_dict, _mamba_embedding_key(state_dict, prefix)),
+      num_layers=layers, hidden_size=h, state_dim=int(hf.get("state_size",
+                                                             ssm.get("d_state", 16))),
+      expand=int(expand), conv_width=int(hf.get("conv_kernel", ssm.get("d_conv", 4))),
+      dt_rank=rank, norm_eps=float(hf.get("layer_norm_epsilon", hf.get("norm_epsilon", 1e-5))),
+      tie_embeddings=bool(hf.get("tie_word_embeddings", hf.get("tie_embeddings", True))),
+      dense=DenseConfig(layers=0))
+
+
+def from_hf_mamba(state_dict: Mapping[str, Any], cfg: ModelConfig,
+                  dtype=np.float32) -> dict[str, Any]:
+  """A MambaForCausalLM state dict -> our params (family mamba, no dense connection).
+
+  Names: backbone.embeddings, backbone.layers.{i}.norm, backbone.layers.{i}.mixer.{in_proj,
+  conv1d, x_proj, dt_proj, A_log, D, out_proj}, backbone.norm_f, lm_head (when untied).
+  """
+  from dense_ssm.export import check_params  # pylint: disable=g-import-not-at-top
+
+  prefix = _mamba_prefix(state_dict)
+  sd = {k: _to_numpy(v) for k, v in state_dict.items()}
+  used = set()
+
+  def take(name, transpose=False):
+    if name not in sd:
+      raise ValueError(f"state dict lacks {name!r}: is it a Mamba checkpoint of this config "
+                       f"(num_layers={cfg.num_layers})?")
+    used.add(name)
+    a = sd[name]
+    return a.T if transpose else a
+
+  flat = {"embed_tokens/embedding": take(_mamba_embedding_key(state_dict, prefix)),
+          "norm/scale": take(prefix + "norm_f.weight")}
+  if not cfg.tie_embeddings:
+    flat["lm_head/kernel"] = take("lm_head.weight", True)
+  di = cfg.d_inner
+  for i in range(cfg.num_layers):
+    p, q = f"{prefix}layers.{i}.", f"layers_{i}/"
+    mixer = q + "self_attn/"
+    flat[q + "input_layernorm/scale"] = take(p + "norm.weight")
+    flat[mixer + "in_proj/kernel"] = take(p + "mixer.in_proj.weight", True)
+    flat[mixer + "conv_kernel"] = take(p + "mixer.conv1d.weight").reshape(di, -1).T
+    conv_bias = p + "mixer.conv1d.bias"
+    flat[mixer + "conv_bias"] = take(conv_bias) if conv_bias in sd else np.zeros(di, np.float32)
+    flat[mixer + "x_proj/kernel"] = take(p + "mixer.x_proj.weight", True)
+    flat[mixer + "dt_proj/kernel"] = take(p + "mixer.dt_proj.weight", True)
+    flat[mixer + "dt_bias"] = take(p + "mixer.dt_proj.bias")
+    flat[mixer + "A_log"] = take(p + "mixer.A_log")
+    flat[mixer + "D"] = take(p + "mixer.D")
+    flat[mixer + "out_proj/kernel"] = take(p + "mixer.out_proj.weight", True)
+  extra = sorted(k for k in sd if k not in used and not (cfg.tie_embeddings and k ==
+                                                         "lm_head.weight"))
+  if extra:
+    raise ValueError(f"state dict has {len(extra)} unexpected key(s), first {extra[0]!r}: check "
+                     "that config.json matches the checkpoint (num_hidden_layers, use_bias).")
+  check_params(flat, cfg, "Mamba checkpoint")
+  params: dict[str, Any] = {}
+  for name, a in flat.items():
+    _set(params, tuple(name.split("/")), np.ascontiguousarray(a, dtype=dtype))
+  return params
+
+
+# ------------------------------------------------------------------------------ CLI
+
+
+def _find_tokenizer(checkpoint: str, given: str | None):
+  from dense_ssm.tokenizer import Tokenizer  # pylint: disable=g-import-not-at-top
+
+  if given:
+    return Tokenizer.from_file(given)
+  folder = checkpoint if os.path.isdir(checkpoint) else os.path.dirname(checkpoint)
+  path = os.path.join(folder, "tokenizer.model")
+  return Tokenizer.from_file(path) if os.path.exists(path) else None
+
+
+def convert(kind: str, checkpoint: str, out: str, *, config: str | None = None,
+            tokenizer: str | None = None, dense_layers: int | None = None,
+            dtype: str | None = None) -> str:
+  """Converts a checkpoint (`kind` retnet | mamba-hf) to an export directory; returns `out`."""
+  from dense_ssm import export  # pylint: disable=g-import-not-at-top
+
+  if not os.path.exists(checkpoint):
+    raise FileNotFoundError(f"--checkpoint={checkpoint} does not exist.")
+  folder = checkpoint if os.path.isdir(checkpoint) else os.path.dirname(checkpoint)
+  meta = read_json(config or os.path.join(folder, "config.json"))
+  sd = load_checkpoint(checkpoint)
+  if kind == "retnet":
+    cfg = reference_config(meta, sd, dense_layers)
+    params = from_reference(sd, cfg)
+  elif kind == "mamba-hf":
+    cfg = hf_mamba_config(meta, sd)
+    params = from_hf_mamba(sd, cfg)
+  else:
+    raise ValueError(f"unknown checkpoint kind {kind!r}; use retnet or mamba-hf.")
+  tok = _find_tokenizer(checkpoint, tokenizer)
+  ids = {k.replace("_token", ""): meta[k] for k in ("bos_token_id", "eos_token_id")
+         if isinstance(meta.get(k), int)}
+  pre = export.Pretrained(cfg=cfg, params=params, tokenizer=tok, add_bos=kind == "retnet",
+                          source=os.path.abspath(checkpoint), **ids)
+  export.check_tokenizer(tok, cfg, checkpoint)
+  return export.save_pretrained(pre, out, dtype=dtype)
+
+
+def main(argv=None) -> int:
+  import argparse  # pylint: disable=g-import-not-at-top
+
+  p = argparse.ArgumentParser(prog="python -m dense_ssm.convert",
+                              description="Convert PyTorch checkpoints to a dense_ssm export.")
+  p.add_argument("kind", choices=["retnet", "mamba-hf"],
+                 help="retnet: original DenseRetNet code; mamba-hf: transformers MambaForCausalLM")
+  p.add_argument("--checkpoint", required=True, help="checkpoint directory or weights file")
+  p.add_argument("--out", required=True, help="export directory to write")
+  p.add_argument("--config", default=None, help="config.json (default: next to the weights)")
+  p.add_argument("--tokenizer", default=None,
+                 help="SentencePiece .model (default: tokenizer.model next to the weights)")
+  p.add_argument("--dense_layers", type=int, default=None,
+                 help="retnet: dense depth m (default: config's dense_block_layers, else 2)")
+  p.add_argument("--dtype", default=None, help="store params as this dtype, e.g. bfloat16")
+  p.add_argument("--traceback", action="store_true", help="show tracebacks of errors")
+  a = p.parse_args(argv)
+  try:
+    out = convert(a.kind, a.checkpoint, a.out, config=a.config, tokenizer=a.tokenizer,
+                  dense_layers=a.dense_layers, dtype=a.dtype)
+  except (ValueError, FileNotFoundError, ImportError, NotADirectoryError) as e:
+    if a.traceback:
+      raise
+    print(f"dense_ssm.convert: error: {e}", file=sys.stderr)
+    return 1
+  print(f"converted {a.checkpoint} ({a.kind}) to {out}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

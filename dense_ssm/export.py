@@ -109,7 +109,7 @@ def check_params(flat: Mapping[str, Any], cfg: ModelConfig, where: str) -> None:
                      "checkpoint again or fix config.json's model section.")
 
 
-def _check_tokenizer(tokenizer, cfg: ModelConfig, where: str) -> None:
+def check_tokenizer(tokenizer, cfg: ModelConfig, where: str) -> None:
   """Inference allows a tokenizer smaller than the embedding (released DenseRetNet checkpoints:
   32,000 pieces, vocab 32,001 with a pad row); a larger one could emit ids the model lacks."""
   if tokenizer is not None and tokenizer.vocab_size > cfg.vocab_size:
@@ -192,7 +192,7 @@ def load_pretrained(directory: str, *, dtype: str | None = None) -> Pretrained:
   if os.path.exists(tok_path):
     from dense_ssm.tokenizer import Tokenizer  # pylint: disable=g-import-not-at-top
     tokenizer = Tokenizer.from_file(tok_path)
-    _check_tokenizer(tokenizer, cfg, directory)
+    check_tokenizer(tokenizer, cfg, directory)
   return Pretrained(cfg=cfg, params=unflatten_params(flat), tokenizer=tokenizer,
                     add_bos=bool(meta.get("add_bos", True)), bos_id=int(meta.get("bos_id", 1)),
                     eos_id=int(meta.get("eos_id", 2)), pad_id=int(meta.get("pad_id", 0)),
@@ -248,7 +248,7 @@ def load_workdir(workdir: str, step: int | None = None, *,
   if os.path.exists(tok_path):
     from dense_ssm.tokenizer import Tokenizer  # pylint: disable=g-import-not-at-top
     tokenizer = Tokenizer.from_file(tok_path)
-    _check_tokenizer(tokenizer, cfg, workdir)
+    check_tokenizer(tokenizer, cfg, workdir)
   return Pretrained(cfg=cfg, params=state["params"], tokenizer=tokenizer,
                     add_bos=bool(data.get("add_bos", True)), source=f"{workdir}@{step}")
 
