@@ -100,7 +100,7 @@ class Checkpointer:
 
   def __init__(self, directory: str, *, keep_last: int = 3, keep_every: int = 0,
                async_save: bool = True):
-    self.directory = os.path.abspath(directory)
+    self.directory = directory if "://" in directory else os.path.abspath(directory)
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep_last if keep_last > 0 else None,
         keep_period=keep_every if keep_every > 0 else None,

@@ -16,9 +16,9 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import signal
 import sys
-import tempfile
 import time
 from typing import Any
 
@@ -114,18 +114,22 @@ def maybe_initialize_distributed(mode: str = "auto", coordinator_address: str | 
 
 
 def check_workdir(workdir: str | None) -> str:
-  """Creates `workdir` if needed and checks that it is writable."""
+  """Creates `workdir` (a local path or a gs:// URL) if needed and checks that it is writable."""
+  from etils import epath  # pylint: disable=g-import-not-at-top
+
   if not workdir:
     raise ValueError("--workdir is required (checkpoints, logs and the tokenizer go there).")
-  workdir = os.path.abspath(os.path.expanduser(workdir))
+  if "://" not in workdir:
+    workdir = os.path.abspath(os.path.expanduser(workdir))
+  path = epath.Path(workdir)
+  probe = path / f".write_probe_{os.getpid()}"
   try:
-    os.makedirs(workdir, exist_ok=True)
-    fd, probe = tempfile.mkstemp(prefix=".write_probe_", dir=workdir)
-    os.close(fd)
-    os.remove(probe)
+    path.mkdir(parents=True, exist_ok=True)
+    probe.write_text("")
+    probe.unlink()
   except OSError as e:
-    raise PermissionError(f"--workdir={workdir} is not writable ({e.strerror}); choose another "
-                          "directory.") from None
+    raise PermissionError(f"--workdir={workdir} is not writable ({e.strerror or e}); choose "
+                          "another directory.") from None
   return workdir
 
 
@@ -180,152 +184,210 @@ def _check_finite(step: int, metrics: dict, last_saved: int | None) -> None:
         f"for it ({saved}); lower config.train.lr or check the data.")
 
 
-def train_and_evaluate(config, workdir: str) -> dict[str, float]:
-  """Runs (or resumes) training; returns the final validation {"loss", "perplexity", ...}."""
-  import jax  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
+class Trainer:
+  """One training run: built by `__init__` (nothing written except the workdir probe), then
+  `load_data`, `restore_or_init`, `compile`, `train`; `close` always."""
 
-  from dense_ssm import checkpoint, data, evaluate, models, optim, sharding, train_log, \
-      train_step  # pylint: disable=g-import-not-at-top,g-multiple-import
+  def __init__(self, config, workdir: str):
+    import jax  # pylint: disable=g-import-not-at-top
 
-  cfg = validate_config(config)
-  workdir = check_workdir(workdir)
-  t = config.train
+    from dense_ssm import checkpoint, models, optim, sharding, \
+        train_step  # pylint: disable=g-import-not-at-top,g-multiple-import
 
-  # Model, optimizer, mesh, jitted steps: nothing is allocated yet.
-  model = models.build_model(cfg)
-  tx, schedule = optim.make_optimizer(t)
-  mesh = sharding.make_mesh(config.mesh)
-  sharding.check_batch_divisible(t.batch_size, mesh, jax.process_count())
-  fns = train_step.build(model, tx, schedule, mesh, seq_len=config.data.seq_len,
-                         grad_accum=t.grad_accum, seed=t.seed)
+    self.config, self.t = config, config.train
+    self.cfg = validate_config(config)
+    self.workdir = check_workdir(workdir)
+    t = self.t
+    # Model, optimizer, mesh, jitted steps: nothing is allocated yet.
+    self.model = models.build_model(self.cfg)
+    tx, schedule = optim.make_optimizer(t)
+    self.mesh = sharding.make_mesh(config.mesh)
+    sharding.check_batch_divisible(t.batch_size, self.mesh, jax.process_count())
+    self.fns = train_step.build(self.model, tx, schedule, self.mesh, seq_len=config.data.seq_len,
+                                grad_accum=t.grad_accum, seed=t.seed)
+    # An existing checkpoint must fit the model before anything is written.
+    self.ckpt = checkpoint.Checkpointer(os.path.join(self.workdir, "checkpoints"),
+                                        keep_last=t.keep_last, keep_every=t.keep_every)
+    self.latest = self.ckpt.latest_step()
+    if self.latest is not None:
+      self.ckpt.check_compatible(self.latest, self.fns.abstract_state)
+    self.last_saved = self.latest
+    self.writer = None
+    self.pending: list[tuple[int, Any]] = []
 
-  # An existing checkpoint must fit the model before anything is written.
-  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), keep_last=t.keep_last,
-                                 keep_every=t.keep_every)
-  latest = ckpt.latest_step()
-  if latest is not None:
-    ckpt.check_compatible(latest, fns.abstract_state)
+  def load_data(self) -> None:
+    import jax  # pylint: disable=g-import-not-at-top
 
-  # Data.
-  if config.data.source == "stdlib":
-    _say("data: the embedded default (this Python's standard library source; no dataset is "
-         "configured). Set --config.data.source=jsonl:GLOB|text:GLOB|tfds:NAME|arrayrecord:GLOB "
-         "for real data.")
-  tokenizer = data.load_tokenizer(config, workdir)
-  train_iter = data.make_train_iterator(config, tokenizer, seed=config.data.shuffle_seed,
-                                        process_index=jax.process_index(),
-                                        process_count=jax.process_count())
-  eval_batches = [sharding.global_batch(b, mesh) for b in data.make_eval_batches(
-      config, tokenizer, max_batches=t.eval_batches, process_index=jax.process_index(),
-      process_count=jax.process_count())]
+    from dense_ssm import data, sharding  # pylint: disable=g-import-not-at-top
 
-  # State: restore or initialise (sharded).
-  if latest is not None:
-    state, data_state, _ = ckpt.restore(latest, fns.abstract_state)
-    if data_state is None:
-      logging.warning("checkpoint %d has no data state for %d processes; data restarts.",
-                      latest, jax.process_count())
+    c = self.config
+    if c.data.source == "stdlib":
+      _say("data: the embedded default (this Python's standard library source; no dataset is "
+           "configured). Set --config.data.source=jsonl:GLOB|text:GLOB|tfds:NAME|"
+           "arrayrecord:GLOB for real data.")
+    hosts = dict(process_index=jax.process_index(), process_count=jax.process_count())
+    tokenizer = data.load_tokenizer(c, self.workdir)
+    self.train_iter = data.make_train_iterator(c, tokenizer, seed=c.data.shuffle_seed, **hosts)
+    _say(_data_line(c.data.source, getattr(self.train_iter, "stats", None)))
+    self.eval_batches = [sharding.global_batch(b, self.mesh) for b in data.make_eval_batches(
+        c, tokenizer, max_batches=self.t.eval_batches, **hosts)]
+
+  def restore_or_init(self) -> None:
+    import jax  # pylint: disable=g-import-not-at-top
+
+    if self.latest is None:
+      self.state = self.fns.init(jax.random.key(self.t.seed))
     else:
-      train_iter.set_state(data_state)
-    _say(f"resumed from {ckpt.directory}/{latest}")
-  else:
-    state = fns.init(jax.random.key(t.seed))
-  start = int(jax.device_get(state["step"]))
+      self.state, data_state, _ = self.ckpt.restore(self.latest, self.fns.abstract_state)
+      if data_state is None:
+        logging.warning("checkpoint %d has no data state for %d processes; data restarts.",
+                        self.latest, jax.process_count())
+      else:
+        self.train_iter.set_state(data_state)
+      _say(f"resumed from {self.ckpt.directory}/{self.latest}")
+    self.start = int(jax.device_get(self.state["step"]))
 
-  # Compile before step 0 and report size and memory.
-  n_params = train_step.param_count(fns.abstract_state)
-  batch_abs = sharding.abstract_batch(t.batch_size, config.data.seq_len, mesh)
-  t0 = time.perf_counter()
-  compiled = fns.train_step.lower(fns.abstract_state, batch_abs).compile()
-  mem = train_log.memory_report(compiled)
-  _say(f"model: {cfg.family}, {n_params:,} parameters; mesh {dict(mesh.shape)} over "
-       f"{jax.device_count()} {jax.devices()[0].platform} device(s), {jax.process_count()} "
-       f"process(es); compiled in {time.perf_counter() - t0:.1f}s")
-  if mem:
-    _say("memory per device: " + ", ".join(f"{k} {train_log.format_bytes(v)}"
-                                           for k, v in mem.items()))
+  def compile(self) -> None:
+    """AOT-compiles the step (before step 0) and prints the parameter count and memory."""
+    import jax  # pylint: disable=g-import-not-at-top
 
-  fpt = models.flops_per_token(cfg, config.data.seq_len)
-  tokens_per_step = t.batch_size * config.data.seq_len
-  progress = train_log.Progress(t.steps, tokens_per_step, fpt, jax.device_count(),
-                                train_log.peak_flops_per_device())
-  writer = train_log.make_writer(workdir)
-  if start == 0 and jax.process_index() == 0:
-    writer.write_hparams({"num_params": n_params, **_flat(config.to_dict())})
-  config_json = json.loads(config.to_json_best_effort())
-  preempt = _Preemption()
-  last_saved = latest
-  pending: list[tuple[int, Any]] = []
+    from dense_ssm import models, sharding, train_log, \
+        train_step  # pylint: disable=g-import-not-at-top,g-multiple-import
 
-  def drain() -> None:
+    t, c = self.t, self.config
+    n_params = train_step.param_count(self.fns.abstract_state)
+    batch_abs = sharding.abstract_batch(t.batch_size, c.data.seq_len, self.mesh)
+    t0 = time.perf_counter()
+    self.compiled = self.fns.train_step.lower(self.fns.abstract_state, batch_abs).compile()
+    _say(f"model: {self.cfg.family}, {n_params:,} parameters; mesh {dict(self.mesh.shape)} over "
+         f"{jax.device_count()} {jax.devices()[0].platform} device(s), {jax.process_count()} "
+         f"process(es); compiled in {time.perf_counter() - t0:.1f}s")
+    mem = train_log.memory_report(self.compiled)
+    if mem:
+      _say("memory per device: " + ", ".join(f"{k} {train_log.format_bytes(v)}"
+                                             for k, v in mem.items()))
+    self.progress = train_log.Progress(
+        t.steps, t.batch_size * c.data.seq_len, models.flops_per_token(self.cfg, c.data.seq_len),
+        jax.device_count(), train_log.peak_flops_per_device())
+    self.writer = train_log.make_writer(self.workdir)
+    if self.start == 0 and jax.process_index() == 0:
+      self.writer.write_hparams({"num_params": n_params, **_flat(c.to_dict())})
+
+  def drain(self) -> None:
     """Fetches queued step metrics, checks them, writes them at log steps."""
-    while pending:
-      step, metrics = pending.pop(0)
+    import jax  # pylint: disable=g-import-not-at-top
+
+    t = self.t
+    while self.pending:
+      step, metrics = self.pending.pop(0)
       metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-      _check_finite(step, metrics, last_saved)
+      _check_finite(step, metrics, self.last_saved)
       if step % t.log_every == 0 or step == t.steps:
-        rates = progress.rates(step)
-        writer.write_scalars(step, {**{f"train/{k}": v for k, v in metrics.items()},
-                                    **{f"perf/{k}": v for k, v in rates.items()}})
-        _say(progress.line(step, metrics["loss"], rates))
+        rates = self.progress.rates(step)
+        self.writer.write_scalars(step, {**{f"train/{k}": v for k, v in metrics.items()},
+                                         **{f"perf/{k}": v for k, v in rates.items()}})
+        _say(self.progress.line(step, metrics["loss"], rates))
 
-  def save(step: int, force: bool = False) -> None:
-    nonlocal last_saved
-    drain()  # checks the loss of `step` first: a non-finite state is never saved
-    if ckpt.save(step, state, train_iter.get_state(), config_json, force=force):
-      last_saved = step
+  def save(self, step: int, force: bool = False) -> None:
+    self.drain()  # checks the loss of `step` first: a non-finite state is never saved
+    config_json = json.loads(self.config.to_json_best_effort())
+    if self.ckpt.save(step, self.state, self.train_iter.get_state(), config_json, force=force):
+      self.last_saved = step
 
-  def run_eval(step: int) -> dict[str, float]:
-    drain()
-    result = evaluate.evaluate(fns.eval_step, state["params"], eval_batches)
-    writer.write_scalars(step, {"valid/loss": result["loss"],
-                                "valid/perplexity": result["perplexity"]})
-    _say(f"step {step}/{t.steps} | validation loss {result['loss']:.4f} | "
+  def evaluate(self, step: int) -> dict[str, float]:
+    from dense_ssm import evaluate  # pylint: disable=g-import-not-at-top
+
+    self.drain()
+    result = evaluate.evaluate(self.fns.eval_step, self.state["params"], self.eval_batches)
+    self.writer.write_scalars(step, {"valid/loss": result["loss"],
+                                     "valid/perplexity": result["perplexity"]})
+    _say(f"step {step}/{self.t.steps} | validation loss {result['loss']:.4f} | "
          f"perplexity {result['perplexity']:.2f}")
-    progress.start(step)  # throughput excludes evaluation
+    self.progress.start(step)  # throughput excludes evaluation
     return result
 
-  profile_at = start + 3 if t.profile_steps > 0 else -1
-  profiling = False
-  progress.start(start)
-  try:
-    for step in range(start + 1, t.steps + 1):  # `step` = number of updates after this one
-      if preempt.reached(step - 1):
-        save(step - 1, force=True)
-        ckpt.wait()
-        _say(f"preempted (SIGTERM): saved step {step - 1} to {ckpt.directory}; exiting")
-        return {"preempted_at": float(step - 1)}
-      if step == profile_at:
-        jax.profiler.start_trace(os.path.join(workdir, "profile"))
-        profiling = True
-      batch = sharding.global_batch(next(train_iter), mesh)
-      state, metrics = compiled(state, batch)
-      if profiling and step == profile_at + t.profile_steps - 1:
-        jax.block_until_ready(state)
+  def train(self, sigkill_after_step: int = 0) -> dict[str, float]:
+    """The loop; returns the final validation metrics (or {"preempted_at": step})."""
+    import jax  # pylint: disable=g-import-not-at-top
+
+    from dense_ssm import sharding  # pylint: disable=g-import-not-at-top
+
+    t = self.t
+    preempt = _Preemption()
+    profile_at = self.start + 3 if t.profile_steps > 0 else -1
+    profiling = False
+    self.progress.start(self.start)
+    try:
+      for step in range(self.start + 1, t.steps + 1):  # `step` = updates done after this one
+        if preempt.reached(step - 1):
+          self.save(step - 1, force=True)
+          self.ckpt.wait()
+          _say(f"preempted (SIGTERM): saved step {step - 1} to {self.ckpt.directory}; exiting")
+          return {"preempted_at": float(step - 1)}
+        if step == profile_at:
+          jax.profiler.start_trace(os.path.join(self.workdir, "profile"))
+          profiling = True
+        batch = sharding.global_batch(next(self.train_iter), self.mesh)
+        self.state, metrics = self.compiled(self.state, batch)
+        if profiling and step == profile_at + t.profile_steps - 1:
+          jax.block_until_ready(self.state)
+          jax.profiler.stop_trace()
+          profiling = False
+          _say(f"profile of steps {profile_at}..{step} written to {self.workdir}/profile")
+        self.drain()  # metrics of the previous step; this step is already queued
+        self.pending.append((step, metrics))
+        if step % t.checkpoint_every == 0 or step == t.steps:
+          self.save(step, force=step == t.steps)
+        if step % t.eval_every == 0 and step != t.steps:
+          self.evaluate(step)
+        if step == sigkill_after_step:
+          self.ckpt.wait()
+          os.kill(os.getpid(), signal.SIGKILL)
+      self.drain()
+      final = self.evaluate(t.steps)
+    finally:
+      preempt.close()
+      if profiling:
         jax.profiler.stop_trace()
-        profiling = False
-        _say(f"profile of steps {profile_at}..{step} written to {workdir}/profile")
-      drain()  # metrics of the previous step; this step is already queued
-      pending.append((step, metrics))
-      if step % t.checkpoint_every == 0 or step == t.steps:
-        save(step, force=step == t.steps)
-      if step % t.eval_every == 0 and step != t.steps:
-        run_eval(step)
-      if step == _SIGKILL_AT.value:
-        ckpt.wait()
-        os.kill(os.getpid(), signal.SIGKILL)
-    drain()
-    final = run_eval(t.steps)
+    _say(f"final validation loss {final['loss']:.4f}, perplexity {final['perplexity']:.2f} "
+         f"(step {t.steps})")
+    return final
+
+  def close(self) -> None:
+    """Waits for a save in flight (it holds a checked, good state) and closes the writers."""
+    if self.writer is not None:
+      self.writer.flush()
+      self.writer.close()
+    self.ckpt.close()
+
+
+def train_and_evaluate(config, workdir: str, *, sigkill_after_step: int = 0) -> dict[str, float]:
+  """Runs (or resumes) training; returns the final validation {"loss", "perplexity", ...}.
+
+  `sigkill_after_step` (testing): SIGKILL this process after that step, once pending
+  checkpoints are written, as a hard crash would.
+  """
+  trainer = Trainer(config, workdir)
+  try:
+    trainer.load_data()
+    trainer.restore_or_init()
+    trainer.compile()
+    return trainer.train(sigkill_after_step)
   finally:
-    preempt.close()
-    writer.flush()
-    if profiling:
-      jax.profiler.stop_trace()
-    ckpt.close()  # a save in flight holds a good (checked) state: let it finish
-  _say(f"final validation loss {final['loss']:.4f}, perplexity {final['perplexity']:.2f} "
-       f"(step {t.steps})")
-  return final
+    trainer.close()
+
+
+def _data_line(source: str, stats: Any) -> str:
+  line = f"data: {source}"
+  if stats is None:
+    return line
+  line += f", {stats.num_documents:,} train documents (this host)"
+  if stats.num_chars > 0:
+    line += f", {stats.num_chars:,} characters"
+  if stats.replaced_chars:
+    line += (f"; {stats.replaced_chars:,} invalid UTF-8 sequences replaced (U+FFFD) in "
+             f"{stats.replaced_files} file(s)")
+  return line
 
 
 def _flat(d: dict, prefix: str = "") -> dict:
@@ -338,13 +400,54 @@ def _flat(d: dict, prefix: str = "") -> dict:
   return out
 
 
+def _one_line(e: BaseException) -> str:
+  text = str(e).replace("\\n", " ").replace("\\'", "'")
+  return " ".join(text.split()).strip("'\" ") or type(e).__name__
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl flag parsing whose errors (unknown config key, bad value) are one line, exit 1."""
+  try:
+    return flags.FLAGS(argv)
+  except Exception as e:  # pylint: disable=broad-except  # config_flags raises many kinds
+    msg = _one_line(e)
+    if "Traceback" in str(e):  # the config file's get_config raised: keep its last line
+      bad = next((a.split("=", 1)[1] for a in argv[1:] if a.startswith("--config=")), "")
+      msg = f"--config={bad}: {str(e).strip().splitlines()[-1].strip()}"
+    elif isinstance(e, (KeyError, AttributeError)):  # an override of a key the config lacks
+      key = re.search(r"'?(\w+)", msg).group(1)
+      bad = next((a.split("=")[0] for a in argv[1:] if a.startswith("--config.")
+                  and a.split("=")[0].endswith(f".{key}")), f"--config...{key}")
+      hint = msg[msg.index("Did you mean"):] if "Did you mean" in msg else \
+          "see dense_ssm/config_lib.py for the valid keys"
+      msg = f"{bad}: unknown config key {bad.rsplit('.', 1)[-1]!r}; {hint}"
+    print(f"dense_ssm.train: error: {msg}", file=sys.stderr, flush=True)
+    sys.exit(1)
+
+
+def _load_config():
+  """The --config ConfigDict; a config file that fails to load is a one-line OSError."""
+  config = _CONFIG.value
+  if config is None:
+    raise ValueError("--config is required, e.g. --config=configs/default.py")
+  try:
+    config.keys()  # config_flags reports a failed load only on first access
+  except OSError as e:
+    path = config_flags.get_config_filename(flags.FLAGS["config"])
+    if not os.path.exists(path.split(":")[0]):
+      raise FileNotFoundError(f"--config={path}: no such file; e.g. --config=configs/default.py"
+                              ) from None
+    raise ValueError(f"--config={path} failed to load: {_one_line(e)}") from None
+  return config
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
   if not flags.FLAGS["verbosity"].present:  # console: our lines + warnings; -v 0 for all logs
     logging.set_verbosity(logging.WARNING)
   try:
-    config = _CONFIG.value
+    config = _load_config()
     if _COMPILE_ONLY.value:
       from dense_ssm import compile as compile_lib  # pylint: disable=g-import-not-at-top
 
@@ -354,7 +457,7 @@ def main(argv):
     validate_config(config)
     maybe_initialize_distributed(_DISTRIBUTED.value, _COORDINATOR.value, _NUM_PROCESSES.value,
                                  _PROCESS_ID.value)
-    train_and_evaluate(config, _WORKDIR.value)
+    train_and_evaluate(config, _WORKDIR.value, sigkill_after_step=_SIGKILL_AT.value)
   except USER_ERRORS as e:
     if _TRACEBACK.value:
       raise
@@ -363,4 +466,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

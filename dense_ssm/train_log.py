@@ -135,7 +135,8 @@ class JsonlWriter:
 
 
 def make_writer(workdir: str):
-  """TensorBoard (workdir/tensorboard) + console + metrics.jsonl on process 0; console elsewhere."""
+  """TensorBoard (workdir/tensorboard) + console (absl INFO) + metrics.jsonl on process 0;
+  console only on other processes."""
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TF is only the event writer here
   os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
   from clu import metric_writers  # pylint: disable=g-import-not-at-top  # heavy (TensorFlow)
@@ -147,6 +148,8 @@ def make_writer(workdir: str):
     return metric_writers.create_default_writer(None, just_logging=True)
   default = metric_writers.create_default_writer(os.path.join(workdir, "tensorboard"),
                                                  asynchronous=False)
+  if "://" in workdir:  # object stores cannot append: TensorBoard events only
+    return default
   return metric_writers.MultiWriter([default, JsonlWriter(os.path.join(workdir, "metrics.jsonl"))])
 
 

@@ -94,7 +94,7 @@ def make_train_step(model, tx, schedule, *, grad_accum: int = 1, seed: int = 0) 
     new_params = optax.apply_updates(params, updates)
     metrics = {
         "loss": loss_sum / denom,
-        "grad_norm": optax.global_norm(grads),
+        "grad_norm": optax.tree.norm(grads),
         "lr": schedule(state["step"]),
         "tokens": weight_sum,
     }
