@@ -1,0 +1,214 @@
+"""Training throughput: tokens/s, step time and MFU of the real (sharded, donated) train step.
+
+    python benchmarks/train_throughput.py --out DIR                  # GPU/TPU: the issue's models
+    python benchmarks/train_throughput.py --config configs/retnet_1b3.py:gau --batch 8 --out DIR
+    python benchmarks/train_throughput.py --tiny --out DIR           # CPU smoke test
+
+For each config (default: DenseRetNet-1.3B and its m = 0 baseline, DenseMamba-360M, Mamba-360M,
+LLaMA-350M), at sequence length --seq (default 2048), the step of `dense_ssm.train_step` (the
+one `dense_ssm.train` runs: AdamW, clipping, donation, the mesh over all local devices) is
+compiled and timed on random tokens: median step time over --steps steps after --warmup steps.
+--batch auto (default) picks the largest power-of-two global batch whose memory fits: XLA's
+memory analysis at 1 and 2 rows per device gives fixed + per-row bytes, the guess is checked by
+compiling it and running (halved on out-of-memory). Without a known device memory (CPU) it
+starts at --max_batch and halves.
+
+  MFU = flops_per_token * tokens/s / (peak bf16 FLOP/s per device * devices)
+
+with flops_per_token = 6 * (params - embedding table) + 3 * forward mixing FLOPs
+(`dense_ssm.models.flops_per_token`). --set KEY=VALUE overrides config keys (default:
+model.dtype=bfloat16; params stay float32). A table is printed last and all rows are written to
+DIR/train_throughput.json (DIR: --out, else $OUT, else the current directory).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import importlib.util
+import json
+import os
+import statistics
+import sys
+import time
+
+os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")  # room for the largest batch
+
+import jax  # pylint: disable=g-import-not-at-top
+import numpy as np  # pylint: disable=g-import-not-at-top
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from dense_ssm import models, optim, sharding, train_log, train_step  # pylint: disable=wrong-import-position
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEFAULT_CONFIGS = ("configs/retnet_1b3.py", "configs/retnet_1b3.py:gau", "configs/mamba_360m.py",
+                   "configs/mamba_360m.py:mamba", "configs/llama_350m.py")
+TINY_CONFIGS = ("configs/default.py", "configs/default.py:gau")
+
+
+def load_config(spec: str, sets: list[str]):
+  """`path[:arg]` -> get_config(arg), then KEY=VALUE overrides (values parsed as literals)."""
+  path, _, arg = spec.partition(":")
+  module_spec = importlib.util.spec_from_file_location("bench_config", os.path.join(REPO, path))
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  config = module.get_config(arg or None)
+  for item in sets:
+    key, _, value = item.partition("=")
+    try:
+      value = ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+      value = {"true": True, "false": False}.get(value.lower(), value)
+    *parents, leaf = key.split(".")
+    node = config
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return config
+
+
+def random_batch(batch: int, seq: int, vocab: int, mesh) -> dict:
+  rng = np.random.default_rng(0)
+  tokens = rng.integers(0, vocab, (batch, seq + 1)).astype(np.int32)
+  return sharding.global_batch({
+      "inputs": tokens[:, :-1], "targets": tokens[:, 1:],
+      "segment_ids": np.ones((batch, seq), np.int32),
+      "positions": np.tile(np.arange(seq, dtype=np.int32), (batch, 1)),
+      "weights": np.ones((batch, seq), np.float32)}, mesh)
+
+
+def device_bytes() -> int | None:
+  stats = getattr(jax.devices()[0], "memory_stats", lambda: None)()
+  return stats.get("bytes_limit") if stats else None
+
+
+def compile_step(config, batch: int, seq: int):
+  """(compiled step, StepFns, ModelConfig, mesh, memory report) at one global batch size."""
+  config.train.batch_size = batch
+  config.data.seq_len = seq
+  cfg = models.ModelConfig.from_dict(config.model.to_dict())
+  mesh = sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
+  sharding.check_batch_divisible(batch, mesh, jax.process_count())
+  tx, schedule = optim.make_optimizer(config.train)
+  fns = train_step.build(models.build_model(cfg), tx, schedule, mesh, seq_len=seq,
+                         grad_accum=config.train.grad_accum)
+  compiled = fns.train_step.lower(fns.abstract_state,
+                                  sharding.abstract_batch(batch, seq, mesh)).compile()
+  return compiled, fns, cfg, mesh, train_log.memory_report(compiled)
+
+
+def measure(config, batch: int, seq: int, steps: int, warmup: int) -> dict:
+  """Compiles and times the train step at one global batch size; raises if it does not fit."""
+  t0 = time.perf_counter()
+  compiled, fns, cfg, mesh, mem = compile_step(config, batch, seq)
+  compile_s = time.perf_counter() - t0
+  limit = device_bytes()
+  if limit and mem and mem["total"] > 0.97 * limit:
+    raise MemoryError(f"batch {batch} needs {mem['total'] / 2**30:.1f} GiB of "
+                      f"{limit / 2**30:.1f} GiB")
+  state = fns.init(jax.random.key(0))
+  data = random_batch(batch, seq, cfg.vocab_size, mesh)
+  times = []
+  for i in range(warmup + steps):
+    t = time.perf_counter()
+    state, metrics = compiled(state, data)
+    jax.block_until_ready(metrics)
+    if i >= warmup:
+      times.append(time.perf_counter() - t)
+  step_s = statistics.median(times)
+  tokens_s = batch * seq / step_s
+  fpt = models.flops_per_token(cfg, seq)
+  peak = train_log.peak_flops_per_device()
+  return {
+      "params": models.count_params(cfg), "batch": batch, "seq": seq, "step_ms": step_s * 1e3,
+      "tokens_per_s": tokens_s, "flops_per_token": fpt,
+      "mfu": tokens_s * fpt / (peak * jax.device_count()) if peak else None,
+      "memory_gib": mem.get("total", 0) / 2**30 if mem else None, "compile_s": compile_s,
+      "loss": float(metrics["loss"]), "dtype": cfg.dtype, "remat": cfg.remat,
+  }
+
+
+def largest_batch_guess(spec: str, args) -> int | None:
+  """Fits memory(b) = fixed + b * per_row from compiles at b = n and 2n (n = devices) and
+  returns the largest power-of-two multiple of n below 90% of the device memory."""
+  limit, n = device_bytes(), jax.device_count()
+  if not limit:
+    return None
+  m1 = compile_step(load_config(spec, args.set), n, args.seq)[-1]["total"]
+  m2 = compile_step(load_config(spec, args.set), 2 * n, args.seq)[-1]["total"]
+  per_row = max((m2 - m1) / n, 1.0)
+  fixed = m1 - per_row * n
+  batch = n
+  while 2 * batch <= args.max_batch and fixed + per_row * 2 * batch <= 0.9 * limit:
+    batch *= 2
+  print(f"  {spec}: memory ~ {fixed / 2**30:.1f} GiB + {per_row / 2**30:.2f} GiB/row; "
+        f"trying batch {batch}", flush=True)
+  return batch
+
+
+def run_config(spec: str, args) -> dict:
+  if args.batch != "auto":
+    return {"config": spec, **measure(load_config(spec, args.set), int(args.batch), args.seq,
+                                      args.steps, args.warmup)}
+  batch = largest_batch_guess(spec, args) or args.max_batch
+  while batch >= jax.device_count():
+    try:
+      return {"config": spec, **measure(load_config(spec, args.set), batch, args.seq, args.steps,
+                                        args.warmup)}
+    except (MemoryError, jax.errors.JaxRuntimeError) as e:
+      print(f"  {spec}: batch {batch} does not fit ({str(e).splitlines()[0][:120]})", flush=True)
+      batch //= 2
+  return {"config": spec, "error": "batch 1 per device does not fit; try --set model.remat=True"}
+
+
+def table(rows: list[dict]) -> str:
+  head = ("config", "params", "batch", "seq", "step ms", "tok/s", "MFU", "mem GiB")
+  lines = [" | ".join(head), " | ".join("---" for _ in head)]
+  for r in rows:
+    if "error" in r:
+      lines.append(f"{r['config']} | error: {r['error']}")
+      continue
+    mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "n/a"
+    mem = f"{r['memory_gib']:.1f}" if r["memory_gib"] is not None else "n/a"
+    lines.append(f"{r['config']} | {r['params'] / 1e6:.0f}M | {r['batch']} | {r['seq']} | "
+                 f"{r['step_ms']:.1f} | {r['tokens_per_s']:,.0f} | {mfu} | {mem}")
+  return "\n".join(lines)
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--config", action="append", help="path[:variant]; repeatable")
+  parser.add_argument("--batch", default="auto", help="global batch, or auto (largest that fits)")
+  parser.add_argument("--max_batch", type=int, default=512)
+  parser.add_argument("--seq", type=int, default=2048)
+  parser.add_argument("--steps", type=int, default=10)
+  parser.add_argument("--warmup", type=int, default=3)
+  parser.add_argument("--set", action="append", default=None, help="KEY=VALUE config override")
+  parser.add_argument("--tiny", action="store_true", help="CPU smoke test: small configs")
+  parser.add_argument("--out", default=os.environ.get("OUT", "."))
+  args = parser.parse_args()
+  if args.set is None:
+    args.set = ["model.dtype=bfloat16"]
+  if args.tiny:
+    configs = args.config or list(TINY_CONFIGS)
+    args.seq, args.steps, args.warmup = min(args.seq, 128), min(args.steps, 3), 1
+    args.batch = "4" if args.batch == "auto" else args.batch
+  else:
+    configs = args.config or list(DEFAULT_CONFIGS)
+  print(f"devices: {jax.device_count()} x {jax.devices()[0].device_kind}", flush=True)
+  rows = []
+  for spec in configs:
+    rows.append(run_config(spec, args))
+    print(table(rows[-1:]).splitlines()[-1], flush=True)
+  print(table(rows))
+  os.makedirs(args.out, exist_ok=True)
+  path = os.path.join(args.out, "train_throughput.json")
+  with open(path, "w") as f:
+    json.dump({"device": jax.devices()[0].device_kind, "num_devices": jax.device_count(),
+               "rows": rows, "argv": sys.argv[1:]}, f, indent=1)
+  print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+  main()
