@@ -48,24 +48,30 @@ DEFAULT_STREAM_BLOCK = 8
 def sample_logits(logits_BxV, key, temperature, top_k, top_p):
   """Next token per row. temperature <= 0: argmax. Else softmax(logits / temperature) restricted
   to the `top_k` largest logits (0: all) and to the smallest set of those whose probability
-  reaches `top_p` (1: all). All three may be traced scalars. Row r draws with fold_in(key, r),
-  so a row's sample does not depend on the other rows of the batch."""
+  reaches `top_p` (1: all). All three may be traced scalars; the sort that sampling needs runs
+  only when temperature > 0 (lax.cond). Row r draws with fold_in(key, r), so a row's sample
+  does not depend on the other rows of the batch."""
   logits_BxV = logits_BxV.astype(jnp.float32)
-  v = logits_BxV.shape[-1]
-  greedy_B = jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
-  x_BxV = logits_BxV / jnp.maximum(temperature, 1e-6)
-  sorted_BxV = -jnp.sort(-x_BxV, axis=-1)  # descending
-  k = jnp.where(top_k > 0, jnp.minimum(top_k, v), v)
-  in_k_V = jnp.arange(v) < k
-  sorted_BxV = jnp.where(in_k_V, sorted_BxV, -jnp.inf)
-  probs_BxV = jax.nn.softmax(sorted_BxV, axis=-1)
-  keep_BxV = (jnp.cumsum(probs_BxV, axis=-1) - probs_BxV < top_p) & in_k_V
-  n_keep_B = jnp.maximum(jnp.sum(keep_BxV, axis=-1), 1)
-  cutoff_B = jnp.take_along_axis(sorted_BxV, (n_keep_B - 1)[:, None], axis=-1)
-  x_BxV = jnp.where(x_BxV >= cutoff_B, x_BxV, -jnp.inf)
-  keys_B = jax.vmap(jax.random.fold_in, (None, 0))(key, jnp.arange(x_BxV.shape[0]))
-  sampled_B = jax.vmap(jax.random.categorical)(keys_B, x_BxV).astype(jnp.int32)
-  return jnp.where(temperature > 0, sampled_B, greedy_B)
+
+  def greedy(_):
+    return jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
+
+  def sample(_):
+    v = logits_BxV.shape[-1]
+    x_BxV = logits_BxV / jnp.maximum(temperature, 1e-6)
+    sorted_BxV = -jnp.sort(-x_BxV, axis=-1)  # descending
+    k = jnp.where(top_k > 0, jnp.minimum(top_k, v), v)
+    in_k_V = jnp.arange(v) < k
+    sorted_BxV = jnp.where(in_k_V, sorted_BxV, -jnp.inf)
+    probs_BxV = jax.nn.softmax(sorted_BxV, axis=-1)
+    keep_BxV = (jnp.cumsum(probs_BxV, axis=-1) - probs_BxV < top_p) & in_k_V
+    n_keep_B = jnp.maximum(jnp.sum(keep_BxV, axis=-1), 1)
+    cutoff_B = jnp.take_along_axis(sorted_BxV, (n_keep_B - 1)[:, None], axis=-1)
+    x_BxV = jnp.where(x_BxV >= cutoff_B, x_BxV, -jnp.inf)
+    keys_B = jax.vmap(jax.random.fold_in, (None, 0))(key, jnp.arange(x_BxV.shape[0]))
+    return jax.vmap(jax.random.categorical)(keys_B, x_BxV).astype(jnp.int32)
+
+  return jax.lax.cond(temperature > 0, sample, greedy, None)
 
 
 # ------------------------------------------------------------------------------ pure steps

@@ -105,3 +105,20 @@ def test_bad_input_is_a_one_line_error():
     gen.generate_ids(cfg, params, [[1, 2]], top_p=0.0)
   with pytest.raises(FileNotFoundError, match="neither an export directory"):
     dense_ssm.generate("/nonexistent/dir", "hello")
+
+
+def test_decode_benchmark_smoke(tmp_path):
+  """benchmarks/decode.py --tiny runs on the CPU and writes its JSON (one model, short)."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  import json  # pylint: disable=g-import-not-at-top
+  import os  # pylint: disable=g-import-not-at-top
+  path = os.path.join(os.path.dirname(os.path.dirname(__file__)), "benchmarks", "decode.py")
+  spec = importlib.util.spec_from_file_location("decode_benchmark", path)
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  assert mod.main(["--tiny", f"--out={tmp_path}", "--models=DenseMamba-tiny", "--batches=1,2",
+                   "--contexts=32,64", "--new_tokens=4", "--reps=1"]) == 0
+  r = json.load(open(tmp_path / "decode.json"))["models"]["DenseMamba-tiny"]
+  assert [x["context"] for x in r["latency"]] == [32, 64]
+  assert r["latency"][0]["state_bytes"] == r["latency"][1]["state_bytes"] > 0
+  assert r["throughput"][1]["tokens_per_s"] > 0
