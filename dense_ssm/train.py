@@ -221,10 +221,14 @@ class Trainer:
     from dense_ssm import data, sharding  # pylint: disable=g-import-not-at-top
 
     c = self.config
+    if not c.data.source:
+      _say("data: this config names no dataset (config.data.source is empty); falling back to "
+           "the embedded default. Set --config.data.source=jsonl:GLOB|text:GLOB|tfds:NAME|"
+           "arrayrecord:GLOB to train on real data.")
+      c.data.source = "stdlib"
     if c.data.source == "stdlib":
-      _say("data: the embedded default (this Python's standard library source; no dataset is "
-           "configured). Set --config.data.source=jsonl:GLOB|text:GLOB|tfds:NAME|"
-           "arrayrecord:GLOB for real data.")
+      _say("data: the embedded default (the Python standard library source of this "
+           "interpreter, no download).")
     hosts = dict(process_index=jax.process_index(), process_count=jax.process_count())
     tokenizer = data.load_tokenizer(c, self.workdir)
     self.train_iter = data.make_train_iterator(c, tokenizer, seed=c.data.shuffle_seed, **hosts)
