@@ -116,9 +116,9 @@ def test_decode_benchmark_smoke(tmp_path):
   spec = importlib.util.spec_from_file_location("decode_benchmark", path)
   mod = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(mod)
-  assert mod.main(["--tiny", f"--out={tmp_path}", "--models=DenseMamba-tiny", "--batches=1,2",
+  assert mod.main(["--tiny", f"--out={tmp_path}", "--models=DenseMamba-tiny", "--batches=1",
                    "--contexts=32,64", "--new_tokens=4", "--reps=1"]) == 0
   r = json.load(open(tmp_path / "decode.json"))["models"]["DenseMamba-tiny"]
   assert [x["context"] for x in r["latency"]] == [32, 64]
   assert r["latency"][0]["state_bytes"] == r["latency"][1]["state_bytes"] > 0
-  assert r["throughput"][1]["tokens_per_s"] > 0
+  assert r["throughput"][0]["tokens_per_s"] > 0 and r["floor_tokens_per_s_b1"] > 0
