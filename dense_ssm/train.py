@@ -13,6 +13,7 @@ first, so a non-finite state is never saved.
 
 from __future__ import annotations
 
+import glob
 import json
 import math
 import os
@@ -100,8 +101,12 @@ def maybe_initialize_distributed(mode: str = "auto", coordinator_address: str | 
   explicit = coordinator_address is not None
   env = os.environ
   slurm = int(env.get("SLURM_NTASKS", "1") or 1) > 1 and "SLURM_JOB_ID" in env
-  tpu_pod = "," in env.get("TPU_WORKER_HOSTNAMES", "") or "MEGASCALE_COORDINATOR_ADDRESS" in env
-  if not (mode == "on" or explicit or slurm or tpu_pod):
+  # A Cloud TPU VM (its chips appear as /dev/accel* or /dev/vfio/N): jax asks the metadata
+  # server for the other hosts of the slice (a single host initialises as 1 process).
+  tpu_vm = bool(glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*")
+                or "," in env.get("TPU_WORKER_HOSTNAMES", "")
+                or "MEGASCALE_COORDINATOR_ADDRESS" in env)
+  if not (mode == "on" or explicit or slurm or tpu_vm):
     return False
   if explicit:
     if num_processes is None or process_id is None:
@@ -134,7 +139,7 @@ def check_workdir(workdir: str | None) -> str:
 
 
 def _say(msg: str) -> None:
-  """Console output of process 0 (also logged)."""
+  """Console output (stdout) of process 0."""
   import jax  # pylint: disable=g-import-not-at-top
 
   if jax.process_index() == 0:
