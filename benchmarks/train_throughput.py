@@ -43,7 +43,7 @@ from dense_ssm import models, optim, sharding, train_log, train_step  # pylint: 
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_CONFIGS = ("configs/retnet_1b3.py", "configs/retnet_1b3.py:gau", "configs/mamba_360m.py",
-                   "configs/mamba_360m.py:mamba", "configs/llama_350m.py")
+                   "configs/mamba_360m.py:plain", "configs/llama_350m.py")
 TINY_CONFIGS = ("configs/default.py", "configs/default.py:gau")
 
 
