@@ -186,6 +186,11 @@ def generate_ids(cfg: ModelConfig, params, prompts: Sequence[Sequence[int]], *,
   _check_sampling(max_new_tokens, temperature, top_k, top_p)
   cfg = inference_config(cfg)
   tokens, seg = left_pad(prompts, pad_id)
+  if cfg.family == "transformer" and cfg.pos_emb == "learned" and \
+      tokens.shape[1] + max_new_tokens > cfg.max_len:
+    raise ValueError(f"prompt ({tokens.shape[1]} tokens) + max_new_tokens={max_new_tokens} > "
+                     f"max_len={cfg.max_len} learned positions; shorten the prompt or "
+                     "max_new_tokens.")
   block_size = block_size or DEFAULT_STREAM_BLOCK
   whole_fn, start_fn, block_fn = _jitted(cfg, max_new_tokens, block_size, pad_id)
   key = jax.random.PRNGKey(seed)
@@ -230,6 +235,11 @@ def _check_sampling(max_new_tokens, temperature, top_k, top_p) -> None:
     raise ValueError(f"top_p={top_p} must be in (0, 1] (1 = off).")
 
 
+def _text(tokenizer, ids: list[int], eos_id: int) -> str:
+  """Decoded ids, without EOS and what follows."""
+  return tokenizer.decode(_cut(ids, eos_id)[:-1] if eos_id in ids else ids)
+
+
 class _TextStream:
   """Turns growing id lists into printable text deltas (holds back an unfinished UTF-8 piece)."""
 
@@ -237,13 +247,8 @@ class _TextStream:
     self.tokenizer, self.eos_id, self.write = tokenizer, eos_id, write
     self.shown: list[str] | None = None
 
-  def text(self, ids: list[int]) -> str:
-    if self.eos_id in ids:
-      ids = ids[:ids.index(self.eos_id)]
-    return self.tokenizer.decode(ids)
-
   def __call__(self, rows: list[list[int]]) -> None:
-    texts = [self.text(r).rstrip("\ufffd") for r in rows]
+    texts = [_text(self.tokenizer, r, self.eos_id).rstrip("\ufffd") for r in rows]
     if self.shown is None:
       self.shown = [""] * len(rows)
     deltas = [t[len(s):] if t.startswith(s) else t for t, s in zip(texts, self.shown)]
@@ -287,7 +292,7 @@ def generate(source, prompts: str | Sequence[str], *, max_new_tokens: int = 64,
                      temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
                      eos_id=pre.eos_id, pad_id=pre.pad_id, stop_at_eos=stop_at_eos,
                      block_size=block_size, on_block=on_block)
-  decoded = [_TextStream(pre.tokenizer, pre.eos_id, print).text(o) for o in out]
+  decoded = [_text(pre.tokenizer, o, pre.eos_id) for o in out]
   return decoded[0] if single else decoded
 
 
