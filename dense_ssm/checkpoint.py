@@ -121,7 +121,7 @@ class Checkpointer:
     """Raises ValueError naming the first parameter whose shape differs from the model's."""
     meta = self._mngr.item_metadata(step)["state"]
     tree = getattr(meta, "tree", meta)
-    problem = first_mismatch(tree["params"], abstract_state["params"])
+    problem = first_mismatch({"params": tree["params"]}, {"params": abstract_state["params"]})
     if problem:
       raise ValueError(
           f"checkpoint {self.directory}/{step} does not fit config.model: {problem}; use a new "

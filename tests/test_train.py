@@ -67,7 +67,8 @@ def test_bad_inputs_fail_with_one_line_and_write_nothing(trained, tmp_path):
                          overrides(data__tokenizer=tokenizer, model__vocab_size=1024), [],
                          "model.vocab_size=1024"),
       "other model shape": (workdir, overrides(model__hidden_size=96), [],
-                            "has shape (512, 64) in the checkpoint but (512, 96) in the model"),
+                            "params/embed_tokens/embedding has shape (512, 64) in the checkpoint "
+                            "but (512, 96) in the model"),
       "workdir not writable": (str(not_a_dir / "sub"), overrides(), [], "is not writable"),
   }
   before = _tree_state(workdir)

@@ -115,3 +115,21 @@ def test_validate_config_rejects_unknown_keys_and_bad_values():
     train.validate_config(tiny_config(train__grad_accum=3))
   with pytest.raises(ValueError, match="unknown key"):
     train.validate_config(tiny_config(model__hiden_size=3))
+
+
+def test_checkpoint_retention_and_data_state_round_trip(tmp_path):
+  ckpt = checkpoint.Checkpointer(str(tmp_path), keep_last=2, keep_every=4)
+  state = {"step": np.int32(0), "params": {"w": np.arange(6, dtype=np.float32).reshape(2, 3)}}
+  for step in range(1, 10):
+    ckpt.save(step, state, b"\x00grain-bytes" if step % 2 else {"pos": step}, {"c": 1})
+  ckpt.wait()
+  assert ckpt.all_steps() == [4, 8, 9]  # the last 2, plus every multiple of 4
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype), state)
+  restored, data_state, config = ckpt.restore(9, abstract)
+  assert data_state == b"\x00grain-bytes" and config == {"c": 1}
+  np.testing.assert_array_equal(restored["params"]["w"], state["params"]["w"])
+  assert ckpt.restore(8, abstract)[1] == {"pos": 8}
+  with pytest.raises(ValueError, match=r"params/w has shape \(2, 3\) in the checkpoint but "
+                                       r"\(3, 3\) in the model; use a new --workdir"):
+    ckpt.check_compatible(9, {"params": {"w": jax.ShapeDtypeStruct((3, 3), np.float32)}})
+  ckpt.close()
