@@ -30,7 +30,7 @@ import functools
 import os
 import sys
 import types
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
