@@ -6,6 +6,10 @@ latest checkpoint in `DIR/checkpoints`; SIGTERM saves one and exits 0. Multi-hos
 --process_id). `--compile_only --topology=v5e:2x2` AOT-compiles the train step for a TPU
 slice on this machine and prints per-chip memory and FLOPs (see dense_ssm/compile.py).
 
+Output: process 0 prints the progress lines; metrics also go to TensorBoard events
+(DIR/tensorboard), DIR/metrics.jsonl and clu's console writer (absl INFO: add `-v 0` to see
+it and the libraries' logs). `config.train.profile_steps=N` traces N steps into DIR/profile.
+
 Loop invariants: metrics of step s are fetched after step s+1 is dispatched (no host sync
 in the hot loop), except before a checkpoint or evaluation, where the last loss is checked
 first, so a non-finite state is never saved.
