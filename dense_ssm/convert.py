@@ -139,7 +139,7 @@ def load_state_dict(path: str) -> dict[str, Any]:
   try:
     import torch  # pylint: disable=g-import-not-at-top
   except ImportError as e:
-    raise ImportError("reading a PyTorch .bin needs torch: pip install -e '.[torch]', or "
+    raise ImportError("reading a PyTorch .bin needs torch: pip install -e '.[convert]', or "
                       "convert the file to safetensors.") from e
   try:
     sd = torch.load(path, map_location="cpu", weights_only=True)
