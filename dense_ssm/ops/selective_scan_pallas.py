@@ -52,7 +52,7 @@ class ScanConfig:
   backend: str  # "tpu" or "gpu"
   seq_len: int  # the real T (the arrays are padded to a multiple of chunk)
   chunk: int  # steps per chunk (checkpoint spacing)
-  sub: int  # backward sub-chunk (states kept on chip for `sub` steps)
+  sub: int  # steps per unrolled backward body (their states stay on chip)
   block_d: int
   has_d: bool
   has_z: bool
@@ -61,43 +61,67 @@ class ScanConfig:
   has_seg: bool
   softplus: bool
   interpret: bool = False
-  state_dn: bool = False  # GPU only: state as [block_d, N] instead of [N, block_d]
-  num_warps: int = 4  # GPU only
-  red_batch: int = 8  # GPU only: backward steps whose reductions are batched together
+  fwd_sub: int = 8  # GPU: steps per unrolled forward body
+  num_warps: int = 4  # GPU: warps per program
+  red_batch: int = 4  # GPU: backward steps whose d-reductions (db, dc) are batched
 
   @property
   def masked(self) -> bool:
     return self.seq_len % self.chunk != 0
 
   @property
-  def vec2d(self) -> bool:  # TPU keeps vectors 2-D: rows [1, bd], columns [N, 1]
-    return self.backend == "tpu"
-
-  @property
-  def n_axis(self) -> int:  # the state axis holding N
-    return 1 if self.state_dn else 0
+  def cols(self) -> bool:
+    return self.backend == "gpu"
 
 
 # ------------------------------------------------------------------------------
-# Shared per-step math. Per-channel vectors ("d-vectors") and per-state vectors
-# ("n-vectors") are 1-D on GPU and 2-D ([1, bd] / [N, 1]) on TPU; `_rd` / `_cn`
-# broadcast them against the state, `_sum_n` / `_sum_d` reduce the state.
+# State representation.
+#   TPU: an [N, block_d] array; d-vectors are rows [1, bd], n-vectors columns
+#        [N, 1], broadcasting does the rest.
+#   GPU: `_Cols`, a tuple of N per-channel vectors [bd] (one per state index n),
+#        so that every thread owns all N states of its channels: sums over n are
+#        register adds and per-channel math (softplus, gates) is not replicated.
+#        n-vectors (b_t, c_t) are _Cols of N scalars.
 
 
-def _rd(cfg, v):
-  return v if cfg.vec2d else jnp.expand_dims(v, cfg.n_axis)
+@jax.tree_util.register_pytree_node_class
+class _Cols(tuple):
+  """Elementwise arithmetic over a tuple of arrays (broadcasting non-_Cols operands)."""
+
+  def _zip(self, other, op):
+    if isinstance(other, _Cols):
+      return _Cols(op(a, b) for a, b in zip(self, other))
+    return _Cols(op(a, other) for a in self)
+
+  def __add__(self, other):
+    return self._zip(other, lambda a, b: a + b)
+
+  def __mul__(self, other):
+    return self._zip(other, lambda a, b: a * b)
+
+  def __sub__(self, other):
+    return self._zip(other, lambda a, b: a - b)
+
+  __radd__ = __add__
+  __rmul__ = __mul__
+
+  def tree_flatten(self):
+    return tuple(self), None
+
+  @classmethod
+  def tree_unflatten(cls, _, children):
+    return cls(children)
 
 
-def _cn(cfg, v):
-  return v if cfg.vec2d else jnp.expand_dims(v, 1 - cfg.n_axis)
+def _map(f, s):
+  return _Cols(f(v) for v in s) if isinstance(s, _Cols) else f(s)
 
 
 def _sum_n(cfg, s):
-  return jnp.sum(s, axis=cfg.n_axis, keepdims=cfg.vec2d)
-
-
-def _sum_d(cfg, s):
-  return jnp.sum(s, axis=1 - cfg.n_axis, keepdims=cfg.vec2d)
+  """Sum over the state index n -> d-vector."""
+  if cfg.cols:
+    return functools.reduce(lambda a, b: a + b, s)
+  return jnp.sum(s, axis=0, keepdims=True)
 
 
 def _sigmoid(v):
@@ -108,20 +132,8 @@ def _softplus(v):
   return jnp.maximum(v, 0.0) + jnp.log1p(jnp.exp(-jnp.abs(v)))
 
 
-def _decay(cfg, delta, a_mat):
-  """exp(delta * A); on GPU `a_mat` holds A * log2(e) and exp2 is used."""
-  arg = _rd(cfg, delta) * a_mat
-  return jnp.exp(arg) if cfg.backend == "tpu" else jnp.exp2(arg)
-
-
-def _step_inputs(cfg, get, i, p):
-  """Discretised inputs of step i: (x, v = dt + bias, delta, b, a, dx = delta*x)."""
-  x, dt, b = get("x", i), get("dt", i), get("b", i)
-  delta, v = _delta(cfg, p, dt, get("valid", i) if cfg.masked else None)
-  a = _decay(cfg, delta, p["a_exp"])
-  if cfg.has_seg:
-    a = a * get("keep", i)
-  return x, v, delta, b, a, delta * x
+# ------------------------------------------------------------------------------
+# Shared per-step math (both backends).
 
 
 def _delta(cfg, p, dt, valid):
@@ -133,79 +145,85 @@ def _delta(cfg, p, dt, valid):
   return delta, v
 
 
+def _step_inputs(cfg, get, i, p):
+  """Discretised inputs of step i: (x, v = dt + bias, delta, b, a, dx = delta*x)."""
+  x, dt, b = get("x", i), get("dt", i), get("b", i)
+  delta, v = _delta(cfg, p, dt, get("valid", i) if cfg.masked else None)
+  # exp(delta A); on GPU p["a_exp"] holds A * log2(e) and exp2 is used.
+  a = _map(jnp.exp if cfg.backend == "tpu" else jnp.exp2, delta * p["a_exp"])
+  if cfg.has_seg:
+    a = a * get("keep", i)
+  return x, v, delta, b, a, delta * x
+
+
 def _gate(cfg, p, yc, x, z):
-  """y = (yc + d_skip x) * silu(z), on rows or [steps, block_d] tiles."""
+  """y = (yc + d_skip x) * silu(z)."""
   y = yc + p["d"] * x if cfg.has_d else yc
   return y * (z * _sigmoid(z)) if cfg.has_z else y
 
 
 def _advance(cfg, get, h, p, steps):
-  """State after `steps` (static) steps from h; all loads are issued first."""
-  ins = [_step_inputs(cfg, get, i, p) for i in range(steps)]
-  for _, _, _, b, a, dx in ins:
-    h = a * h + _cn(cfg, b) * _rd(cfg, dx)
+  """State after `steps` (static) steps from h."""
+  for i in range(steps):
+    _, _, _, b, a, dx = _step_inputs(cfg, get, i, p)
+    h = a * h + b * dx
   return h
 
 
 def _forward_steps(cfg, get, h, p, steps):
-  """Returns (state after `steps` steps, [h_t * c_t] per step; y_t = sum_n of it)."""
-  ins = [(_step_inputs(cfg, get, i, p), get("c", i)) for i in range(steps)]
-  prods = []
-  for (_, _, _, b, a, dx), c in ins:
-    h = a * h + _cn(cfg, b) * _rd(cfg, dx)
-    prods.append(h * _cn(cfg, c))
-  return h, prods
+  """Returns (state after `steps` steps, per-step y_t = (h_t c_t + d x_t) silu(z_t)).
+
+  Callers store the ys after the loop, so no load is ordered after a store.
+  """
+  ys = []
+  for i in range(steps):
+    x, _, _, b, a, dx = _step_inputs(cfg, get, i, p)
+    h = a * h + b * dx
+    ys.append(_gate(cfg, p, _sum_n(cfg, h * get("c", i)), x,
+                    get("z", i) if cfg.has_z else None))
+  return h, ys
 
 
-def _dy_gated(cfg, dy, z):
-  return dy * (z * _sigmoid(z)) if cfg.has_z else dy
-
-
-def _backward_steps(cfg, get, h0, g, d_a, p, steps, finish, batch):
+def _backward_steps(cfg, get, h0, g, d_a, p, steps, finish):
   """Reverse scan over `steps` (static) steps whose start state is h0.
 
   g is the adjoint of the state after the steps; returns (adjoint of h0, d_a).
-  Every `batch` steps (walking backwards) calls finish(i0, prods) with the
-  state-shaped products of steps i0 .. i0+batch-1 in time order, whose sums
-  give the outputs: sum_n of "yc" = h c, "gb" = g b, "wa" = w A; sum_d of
-  "dc" = h dy', "db" = g delta x  (w = g a h_{t-1}, dy' = dy * silu(z)).
+  For each step (walking backwards) calls finish(i, step, prods) with the
+  step's d-vectors (x, v, delta, z, dy) and the state-shaped products whose
+  sums give the outputs: sum_n of "yc" = h c, "gb" = g b, "wa" = w A and sum_d
+  of "dc" = h dy', "db" = g delta x  (w = g a h_{t-1}, dy' = dy * silu(z)).
   """
-  ins = [(_step_inputs(cfg, get, i, p), get("c", i), get("dy", i),
-          get("z", i) if cfg.has_z else None) for i in range(steps)]  # loads first
-  hs = [h0]
-  for (_, _, _, b, a, dx), _, _, _ in ins:
-    hs.append(a * hs[-1] + _cn(cfg, b) * _rd(cfg, dx))
-  pending = []
+  ins, hs = [], [h0]
+  for i in range(steps):  # recompute the states (b, c are re-read below, from L1)
+    step = _step_inputs(cfg, get, i, p)
+    ins.append(step[:3] + step[4:] + (get("dy", i), get("z", i) if cfg.has_z else None))
+    hs.append(step[4] * hs[-1] + step[3] * step[5])
   for i in reversed(range(steps)):
-    (_, _, delta, b, a, dx), c, dy, z = ins[i]
+    (x, v, delta, a, dx, dy, z), b, c = ins[i], get("b", i), get("c", i)
     h, h_prev = hs[i + 1], hs[i]
-    c_n = _cn(cfg, c)
-    dyg = _rd(cfg, _dy_gated(cfg, dy, z))
-    g = g + c_n * dyg
+    dyg = dy * (z * _sigmoid(z)) if cfg.has_z else dy
+    g = g + c * dyg
     w = g * a * h_prev
-    prods = {"dc": h * dyg, "db": g * _rd(cfg, dx), "gb": g * _cn(cfg, b),
-             "wa": w * p["a_nat"]}
+    prods = {"dc": h * dyg, "db": g * dx, "gb": g * b, "wa": w * p["a_nat"]}
     if cfg.has_z:
-      prods["yc"] = h * c_n
-    pending.insert(0, prods)
-    d_a = d_a + w * _rd(cfg, delta)
+      prods["yc"] = h * c
+    finish(i, (x, v, delta, z, dy), prods)
+    d_a = d_a + w * delta
     g = g * a
-    if len(pending) == batch or i == 0:
-      finish(i, pending)
-      pending = []
   return g, d_a
 
 
-def _grad_outputs(cfg, p, x, dt, z, dy, valid, red):
-  """Per-(t, d) gradients from rows or tiles of the inputs and reduced products.
+def _grad_outputs(cfg, p, step, valid, red):
+  """Per-(t, d) gradients of one step from its d-vectors and the n-sums `red`.
 
-  Returns (dx, ddt, dz or None, dy' * x [d_skip term], ddt [dt_bias term]).
+  Returns (dx, ddt, dz or None, d_skip term dy' x, dt_bias term ddt).
   """
-  delta, v = _delta(cfg, p, dt, valid)
-  dyg = _dy_gated(cfg, dy, z)
+  x, v, delta, z, dy = step
   dz = None
+  dyg = dy
   if cfg.has_z:
     s = _sigmoid(z)
+    dyg = dy * z * s
     yd = red["yc"] + p["d"] * x if cfg.has_d else red["yc"]
     dz = dy * yd * s * (1.0 + z * (1.0 - s))
   dx = red["gb"] * delta + (dyg * p["d"] if cfg.has_d else 0.0)
@@ -217,26 +235,32 @@ def _grad_outputs(cfg, p, x, dt, z, dy, valid, red):
 
 
 # ------------------------------------------------------------------------------
-# Kernels. Inputs are passed by name; `names` fixes the order of the refs.
+# GPU kernels (Triton lowering). Grid (B, D / block_d): each program walks all of
+# time in loops whose bodies are `fwd_sub` / `sub` unrolled steps (small bodies
+# keep the compile fast; loads of a body are issued before its stores).
+# HBM state arrays are [..., N, block_d] blocks.
 
 
-def _params(cfg, r):
-  a_nat = r["A"][...].astype(_F32)
-  p = {"a_nat": a_nat, "a_exp": a_nat if cfg.backend == "tpu" else a_nat * _LOG2E}
+def _load_state(ref, *idx):
+  return _Cols(ref[idx + (n, slice(None))].astype(_F32) for n in range(ref.shape[-2]))
+
+
+def _store_state(ref, state, *idx):
+  for n, col in enumerate(state):
+    ref[idx + (n, slice(None))] = col.astype(ref.dtype)
+
+
+def _gpu_params(cfg, r):
+  a_nat = _load_state(r["A"])
+  p = {"a_nat": a_nat, "a_exp": a_nat * _LOG2E}
   for key, name in (("d", "dskip"), ("bias", "bias")):
     if name in r:
       p[key] = r[name][...].astype(_F32)
   return p
 
 
-# GPU (Triton lowering): one program per (batch row, channel block) walks all of
-# time in loops whose bodies are `sub` steps (small bodies keep the compile fast).
-# Reductions of a whole sub-chunk are batched: the per-step products are stacked
-# along a new last axis and reduced once, giving [sub, .] tiles stored in one go.
-
-
 def _gpu_getter(cfg, r, base):
-  """Step i of the sub-chunk starting at time `base`, loaded from HBM."""
+  """Step i of the body starting at time `base`, loaded from HBM."""
 
   def get(name, i):
     t = base + i
@@ -244,60 +268,54 @@ def _gpu_getter(cfg, r, base):
       return t < cfg.seq_len
     if name == "keep":
       return r["keep"][t]
+    if name in ("b", "c"):
+      return _Cols(r[name][t, n].astype(_F32) for n in range(r[name].shape[1]))
     return r[name][t, :].astype(_F32)
 
   return get
 
 
-def _gpu_tile(cfg, r, name, start, steps):
-  """[steps, width] tile of rows start .. start+steps-1 (float32)."""
-  if name == "valid":
-    rows = start + jax.lax.broadcasted_iota(jnp.int32, (steps, 1), 0)
-    return rows < cfg.seq_len
-  return r[name][pl.ds(start, steps), :].astype(_F32)
-
-
-def _stack_reduce(cfg, prods, over_n):
-  """Sums each state-shaped product over N (or D) -> [len(prods), D (or N)] tile."""
-  vals = list(prods)
-  while len(vals) > 1:  # 2-way stacks (Triton joins); the last-added axis is the low bit
-    half = len(vals) // 2
-    vals = [jnp.stack([vals[j], vals[j + half]], axis=-1) for j in range(half)]
-  st = vals[0] if len(prods) > 1 else vals[0][..., None]
-  st = st.reshape(st.shape[:2] + (len(prods),))
-  axis = cfg.n_axis if over_n else 1 - cfg.n_axis
-  return jnp.sum(st, axis=axis).T
+def _stack_sum_d(prods):
+  """[S x _Cols of N [bd] vectors] -> [S, N] sums over bd, in one (batched) reduction."""
+  vecs = [v for pr in prods for v in pr]  # index s * N + n
+  while len(vecs) > 1:  # 2-way stacks (Triton joins); the last-added axis is the low bit
+    half = len(vecs) // 2
+    vecs = [jnp.stack([vecs[j], vecs[j + half]], axis=-1) for j in range(half)]
+  st = vecs[0].reshape(vecs[0].shape[0], -1)
+  return jnp.sum(st, axis=0).reshape(len(prods), len(prods[0]))
 
 
 def _gpu_fwd_kernel(cfg, in_names, out_names, *refs):
   r = dict(zip(in_names + out_names, refs))
-  p = _params(cfg, r)
-  h = r["h0"][...].astype(_F32) if cfg.has_h0 else jnp.zeros(r["A"].shape, _F32)
-  sub, per_chunk = cfg.sub, cfg.chunk // cfg.sub
+  p = _gpu_params(cfg, r)
+  n = r["A"].shape[0]
+  zeros = jnp.zeros((cfg.block_d,), _F32)
+  h = _load_state(r["h0"]) if cfg.has_h0 else _Cols([zeros] * n)
+  body = cfg.fwd_sub
 
-  def sub_chunk(k, q, h):
-    base = k * cfg.chunk + q * sub
-    h, prods = _forward_steps(cfg, _gpu_getter(cfg, r, base), h, p, sub)
-    tile = lambda n: _gpu_tile(cfg, r, n, base, sub) if n in r else None
-    y = _gate(cfg, p, _stack_reduce(cfg, prods, over_n=True), tile("x"), tile("z"))
-    r["y"][pl.ds(base, sub), :] = y.astype(r["y"].dtype)
+  def steps(k, q, h):
+    base = k * cfg.chunk + q * body
+    h, ys = _forward_steps(cfg, _gpu_getter(cfg, r, base), h, p, body)
+    for i, y in enumerate(ys):
+      r["y"][base + i, :] = y.astype(r["y"].dtype)
     return h
 
   def chunk(k, h):
     if "ckpt" in r:
-      r["ckpt"][k] = h
-    return jax.lax.fori_loop(0, per_chunk, functools.partial(sub_chunk, k), h)
+      _store_state(r["ckpt"], h, k)
+    return jax.lax.fori_loop(0, cfg.chunk // body, functools.partial(steps, k), h)
 
-  r["hT"][...] = jax.lax.fori_loop(0, r["x"].shape[0] // cfg.chunk, chunk, h)
+  h = jax.lax.fori_loop(0, r["x"].shape[0] // cfg.chunk, chunk, h)
+  _store_state(r["hT"], h)
 
 
 def _gpu_bwd_kernel(cfg, in_names, out_names, *refs):
   r = dict(zip(in_names + out_names, refs))
-  p = _params(cfg, r)
+  p = _gpu_params(cfg, r)
   sub, per_chunk = cfg.sub, cfg.chunk // cfg.sub
   n_chunks = r["x"].shape[0] // cfg.chunk
-  scr = r["sub_scr"]  # this program's states at sub-chunk starts (L2-resident)
-  dvec = jnp.zeros((cfg.block_d,), _F32)
+  scr = r["sub_scr"]  # this program's states at sub-chunk starts (stays in L2)
+  zeros = jnp.zeros((cfg.block_d,), _F32)
 
   def barrier():
     if not cfg.interpret:
@@ -308,57 +326,58 @@ def _gpu_bwd_kernel(cfg, in_names, out_names, *refs):
     q = per_chunk - 1 - qq
     base = k * cfg.chunk + q * sub
     g, d_a, d_d, d_bias = carry
-    accs = {"d_d": d_d, "d_bias": d_bias}
+    acc = {"d": d_d, "bias": d_bias}
+    pending = []
 
-    def finish(i0, prods):
-      n = len(prods)
-      start = base + i0
-      red = {key: _stack_reduce(cfg, [pr[key] for pr in prods], key not in ("dc", "db"))
-             for key in prods[0]}
-      tile = lambda name: _gpu_tile(cfg, r, name, start, n) if name in r else None
+    def finish(i, step, prods):
+      t = base + i
+      red = {key: _sum_n(cfg, prods[key]) for key in ("yc", "gb", "wa") if key in prods}
       dx, ddt, dz, dd_term, db_term = _grad_outputs(
-          cfg, p, tile("x"), tile("dt"), tile("z"), tile("dy"),
-          _gpu_tile(cfg, r, "valid", start, n) if cfg.masked else None, red)
-      r["dx"][pl.ds(start, n), :] = dx.astype(r["dx"].dtype)
-      r["ddt"][pl.ds(start, n), :] = ddt.astype(r["ddt"].dtype)
+          cfg, p, step, t < cfg.seq_len if cfg.masked else None, red)
+      r["dx"][t, :] = dx.astype(r["dx"].dtype)
+      r["ddt"][t, :] = ddt.astype(r["ddt"].dtype)
       if cfg.has_z:
-        r["dz"][pl.ds(start, n), :] = dz.astype(r["dz"].dtype)
-      r["dc"][pl.ds(start, n), :] = red["dc"]
-      r["db"][pl.ds(start, n), :] = red["db"]
-      if cfg.has_d:
-        accs["d_d"] = accs["d_d"] + jnp.sum(dd_term, axis=0)
-      if cfg.has_bias:
-        accs["d_bias"] = accs["d_bias"] + jnp.sum(db_term, axis=0)
+        r["dz"][t, :] = dz.astype(r["dz"].dtype)
+      acc["d"] = acc["d"] + dd_term
+      acc["bias"] = acc["bias"] + db_term
+      pending.insert(0, prods)
+      if len(pending) == cfg.red_batch or i == 0:  # batched cross-thread sums over d
+        for name in ("dc", "db"):
+          r[name][pl.ds(t, len(pending)), :] = _stack_sum_d([pr[name] for pr in pending])
+        pending.clear()
 
-    g, d_a = _backward_steps(cfg, _gpu_getter(cfg, r, base), scr[q], g, d_a, p, sub,
-                             finish, cfg.red_batch)
-    return g, d_a, accs["d_d"], accs["d_bias"]
+    g, d_a = _backward_steps(cfg, _gpu_getter(cfg, r, base), _load_state(scr, q), g, d_a,
+                             p, sub, finish)
+    return g, d_a, acc["d"], acc["bias"]
 
   def chunk(kk, carry):
     k = n_chunks - 1 - kk
 
     def save(q, h):
-      scr[q] = h
+      _store_state(scr, h, q)
       return _advance(cfg, _gpu_getter(cfg, r, k * cfg.chunk + q * sub), h, p, sub)
 
-    jax.lax.fori_loop(0, per_chunk, save, r["ckpt"][k])
+    jax.lax.fori_loop(0, per_chunk, save, _load_state(r["ckpt"], k))
     barrier()  # sub-chunk states written by all threads before any reads them
     carry = jax.lax.fori_loop(0, per_chunk, functools.partial(sub_chunk, k), carry)
     barrier()  # ... and read before the next chunk overwrites them
     return carry
 
-  init = (r["dhT"][...].astype(_F32), jnp.zeros(r["A"].shape, _F32), dvec, dvec)
+  n = r["A"].shape[0]
+  init = (_load_state(r["dhT"]), _Cols([zeros] * n), zeros, zeros)
   g, d_a, d_d, d_bias = jax.lax.fori_loop(0, n_chunks, chunk, init)
-  r["dh0"][...] = g
-  r["dA"][...] = d_a
+  _store_state(r["dh0"], g)
+  _store_state(r["dA"], d_a)
   if cfg.has_d:
     r["dD"][...] = d_d
   if cfg.has_bias:
     r["dbias"][...] = d_bias
 
 
-# TPU (Mosaic): grid (B, D/block_d, T/chunk), one chunk per grid step, fully
-# unrolled; blocks are loaded into VMEM values once and rows sliced statically.
+# ------------------------------------------------------------------------------
+# TPU kernels (Mosaic). Grid (B, D / block_d, T / chunk), the chunk axis
+# sequential; one chunk per grid step, fully unrolled; blocks are loaded into
+# VMEM values once and rows sliced statically; the state is an [N, bd] value.
 
 
 def _eye(n):
@@ -366,8 +385,17 @@ def _eye(n):
           == jax.lax.broadcasted_iota(jnp.int32, (n, n), 1)).astype(_F32)
 
 
+def _tpu_params(cfg, r):
+  a_nat = r["A"][...].astype(_F32)
+  p = {"a_nat": a_nat, "a_exp": a_nat}
+  for key, name in (("d", "dskip"), ("bias", "bias")):
+    if name in r:
+      p[key] = r[name][...].astype(_F32)
+  return p
+
+
 def _tpu_getter(cfg, blocks, k, offset):
-  """Step i of the sub-chunk at `offset` in the current chunk (static slices).
+  """Step i of the body at `offset` in the current chunk (static slices).
 
   Columns (b, c) are turned from a [1, N] row into an [N, 1] column with an
   identity mask and a lane reduction.
@@ -405,14 +433,13 @@ def _tpu_fwd_kernel(cfg, in_names, out_names, *refs):
   if "ckpt" in r:
     r["ckpt"][...] = h
   blocks = _tpu_load_blocks(r, ("x", "dt", "b", "c", "z", "keep"))
-  p = _params(cfg, r)
+  p = _tpu_params(cfg, r)
   for i0 in range(0, cfg.chunk, cfg.sub):
-    h, prods = _forward_steps(cfg, _tpu_getter(cfg, blocks, k, i0), h, p, cfg.sub)
-    for i, prod in enumerate(prods):
-      r["y_scr"][i0 + i:i0 + i + 1, :] = _sum_n(cfg, prod)
+    h, ys = _forward_steps(cfg, _tpu_getter(cfg, blocks, k, i0), h, p, cfg.sub)
+    for i, y in enumerate(ys):
+      r["y_scr"][i0 + i:i0 + i + 1, :] = y
   r["h_scr"][...] = h
-  y = _gate(cfg, p, r["y_scr"][...], blocks["x"], blocks.get("z"))
-  r["y"][...] = y.astype(r["y"].dtype)
+  r["y"][...] = r["y_scr"][...].astype(r["y"].dtype)
 
   @pl.when(k == pl.num_programs(2) - 1)
   def _():
@@ -437,30 +464,27 @@ def _tpu_bwd_kernel(cfg, in_names, out_names, *refs):
         r[name][...] = jnp.zeros(r[name].shape, _F32)
 
   blocks = _tpu_load_blocks(r, ("x", "dt", "b", "c", "z", "keep", "dy"))
-  p = _params(cfg, r)
+  p = _tpu_params(cfg, r)
   eye = _eye(blocks["b"].shape[1])
-  accs = {n: r[n][...] for n in ("dD", "dbias") if n in r}
+  acc = {n: r[n][...] for n in ("dD", "dbias") if n in r}
 
   def finish_at(i0):
-    def finish(i, prods):  # one step (batch 1): per-step reductions, rows to scratch
+    def finish(i, step, prods):  # per-step reductions; rows to VMEM scratch
       i = i0 + i
-      (pr,) = prods
-      red = {key: (_sum_d if key in ("dc", "db") else _sum_n)(cfg, val)
-             for key, val in pr.items()}
-      row = lambda name: blocks[name][i:i + 1, :] if name in blocks else None
+      red = {key: _sum_n(cfg, val) for key, val in prods.items()}
       valid = k * cfg.chunk + i < cfg.seq_len if cfg.masked else None
-      dx, ddt, dz, dd_term, db_term = _grad_outputs(
-          cfg, p, row("x"), row("dt"), row("z"), row("dy"), valid, red)
-      outs = {"dx": dx, "ddt": ddt, "dz": dz,
-              "dc": jnp.sum(eye * red["dc"], axis=0, keepdims=True),  # [N,1] -> [1,N]
-              "db": jnp.sum(eye * red["db"], axis=0, keepdims=True)}
+      dx, ddt, dz, dd_term, db_term = _grad_outputs(cfg, p, step, valid, red)
+      sum_d_row = lambda s: jnp.sum(eye * jnp.sum(s, axis=1, keepdims=True), axis=0,
+                                    keepdims=True)  # [N, bd] -> [N, 1] -> [1, N]
+      outs = {"dx": dx, "ddt": ddt, "dz": dz, "dc": sum_d_row(prods["dc"]),
+              "db": sum_d_row(prods["db"])}
       for name, val in outs.items():
         if val is not None:
           r[name + "_scr"][i:i + 1, :] = val
       if cfg.has_d:
-        accs["dD"] = accs["dD"] + dd_term
+        acc["dD"] = acc["dD"] + dd_term
       if cfg.has_bias:
-        accs["dbias"] = accs["dbias"] + db_term
+        acc["dbias"] = acc["dbias"] + db_term
     return finish
 
   subs, h = [], r["ckpt"][...]
@@ -471,10 +495,10 @@ def _tpu_bwd_kernel(cfg, in_names, out_names, *refs):
   for q in reversed(range(len(subs))):  # pass 2: reverse scan, one sub-chunk at a time
     i0 = q * cfg.sub
     g, d_a = _backward_steps(cfg, _tpu_getter(cfg, blocks, k, i0), subs[q], g, d_a, p,
-                             cfg.sub, finish_at(i0), 1)
+                             cfg.sub, finish_at(i0))
   r["g_scr"][...] = g
   r["dA"][...] = d_a
-  for name, val in accs.items():
+  for name, val in acc.items():
     r[name][...] = val
   for name in _TPU_BWD_ROWS:
     if name in r:
@@ -529,7 +553,7 @@ class _Specs:
 
   def _state_block(self):
     bd, n = self.cfg.block_d, self.n
-    return ((bd, n), lambda j: (j, 0)) if self.cfg.state_dn else ((n, bd), lambda j: (0, j))
+    return (n, bd), lambda j: (0, j)
 
   def a_mat(self):  # A in the state layout
     shape, idx = self._state_block()
@@ -601,16 +625,12 @@ def _call(cfg, kernel, sp, ins, outs, scratch, nc):
   )(*[ins[n] for n in in_names])
 
 
-def _n_state(cfg, a_mat):
-  return a_mat.shape[1] if cfg.state_dn else a_mat.shape[0]
-
-
 def _forward_call(cfg, ins, save_ckpt):
   bsz, tp, dp = ins["x"].shape
-  n = _n_state(cfg, ins["A"])
+  n = ins["A"].shape[0]
   nc = tp // cfg.chunk
   sp = _Specs(cfg, n)
-  state_shape = (dp, n) if cfg.state_dn else (n, dp)
+  state_shape = (n, dp)
   outs = [("y", jax.ShapeDtypeStruct((bsz, tp, dp), ins["x"].dtype), sp.seq(nc)),
           ("hT", jax.ShapeDtypeStruct((bsz,) + state_shape, _F32), sp.state())]
   if save_ckpt:
@@ -628,12 +648,12 @@ def _forward_call(cfg, ins, save_ckpt):
 
 def _backward_call(cfg, ins):
   bsz, tp, dp = ins["x"].shape
-  n = _n_state(cfg, ins["A"])
+  n = ins["A"].shape[0]
   nc = tp // cfg.chunk
   n_d = dp // cfg.block_d
   tpu = cfg.backend == "tpu"
   sp = _Specs(cfg, n, rev=tpu)
-  state_shape = (dp, n) if cfg.state_dn else (n, dp)
+  state_shape = (n, dp)
   sds = jax.ShapeDtypeStruct
   chan_b = sds((bsz, 1, dp) if tpu else (bsz, dp), _F32)
   outs = [("dx", sds((bsz, tp, dp), ins["x"].dtype), sp.seq(nc)),
@@ -650,7 +670,7 @@ def _backward_call(cfg, ins):
     outs.append(("dbias", chan_b, sp.chan_b()))
   if not tpu:  # per-program states at sub-chunk starts (re-used each chunk)
     per_chunk = cfg.chunk // cfg.sub
-    blk = (cfg.block_d, n) if cfg.state_dn else (n, cfg.block_d)
+    blk = (n, cfg.block_d)
     outs.append(("sub_scr", sds((bsz, n_d, per_chunk) + blk, _F32),
                  pl.BlockSpec((None, None, per_chunk) + blk, lambda b, j: (b, j, 0, 0, 0))))
   scratch = []
@@ -692,12 +712,12 @@ def _dims(cfg, x, b):
   return bsz, t, d, n, tp, dp, n_p
 
 
-def _to_state(cfg, s_bxdxn):  # [..., D, N] -> kernel state layout
-  return s_bxdxn if cfg.state_dn else jnp.swapaxes(s_bxdxn, -1, -2)
+def _to_state(s_bxdxn):  # [..., D, N] -> kernel state layout [..., N, D]
+  return jnp.swapaxes(s_bxdxn, -1, -2)
 
 
-def _from_state(cfg, s):
-  return s if cfg.state_dn else jnp.swapaxes(s, -1, -2)
+def _from_state(s):
+  return jnp.swapaxes(s, -1, -2)
 
 
 def _kernel_inputs(cfg, x, dt, a_mat, b, c, d_skip, z, dt_bias, h0, keep):
@@ -708,7 +728,7 @@ def _kernel_inputs(cfg, x, dt, a_mat, b, c, d_skip, z, dt_bias, h0, keep):
       "dt": _pad(dt, [(1, tp), (2, dp)]),
       "b": _pad(b, [(1, tp), (2, n_p)]),
       "c": _pad(c, [(1, tp), (2, n_p)]),
-      "A": _to_state(cfg, _pad(a_mat.astype(_F32), [(0, dp), (1, n_p)])),
+      "A": _to_state(_pad(a_mat.astype(_F32), [(0, dp), (1, n_p)])),
   }
   chan = (lambda v: _pad(v.astype(_F32), [(0, dp)]).reshape((1, dp) if tpu else (dp,)))
   if cfg.has_d:
@@ -718,7 +738,7 @@ def _kernel_inputs(cfg, x, dt, a_mat, b, c, d_skip, z, dt_bias, h0, keep):
   if cfg.has_bias:
     ins["bias"] = chan(dt_bias)
   if cfg.has_h0:
-    ins["h0"] = _to_state(cfg, _pad(h0.astype(_F32), [(1, dp), (2, n_p)]))
+    ins["h0"] = _to_state(_pad(h0.astype(_F32), [(1, dp), (2, n_p)]))
   if cfg.has_seg:
     keep = jnp.pad(keep, ((0, 0), (0, tp - keep.shape[1])), constant_values=1.0)
     ins["keep"] = keep[..., None] if tpu else keep
@@ -737,7 +757,7 @@ def _scan_fwd_impl(cfg, x, dt, a_mat, b, c, d_skip, z, dt_bias, h0, keep, save_c
   _, t, d, n, _, _, _ = _dims(cfg, x, b)
   ins = _kernel_inputs(cfg, x, dt, a_mat, b, c, d_skip, z, dt_bias, h0, keep)
   y, h_last, ckpt = _forward_call(cfg, ins, save_ckpt)
-  return y[:, :t, :d], _from_state(cfg, h_last)[:, :d, :n], ckpt
+  return y[:, :t, :d], _from_state(h_last)[:, :d, :n], ckpt
 
 
 def _scan_fwd(cfg, x, dt, a_mat, b, c, d_skip, z, dt_bias, h0, keep):
@@ -754,20 +774,20 @@ def _scan_bwd(cfg, res, cts):
   ins.pop("h0", None)
   ins["ckpt"] = ckpt
   ins["dy"] = _pad(dy.astype(x.dtype), [(1, tp), (2, dp)])
-  ins["dhT"] = _to_state(cfg, _pad(dh_last.astype(_F32), [(1, dp), (2, n_p)]))
+  ins["dhT"] = _to_state(_pad(dh_last.astype(_F32), [(1, dp), (2, n_p)]))
   out = _backward_call(cfg, ins)
   seq = lambda v: v[:, :t, :d]
   chan = lambda v, like: v.reshape(-1, dp).sum(0)[:d].astype(like.dtype)
   grads = (
       seq(out["dx"]).astype(x.dtype),
       seq(out["ddt"]).astype(dt.dtype),
-      _from_state(cfg, out["dA"].sum(0))[:d, :n].astype(a_mat.dtype),
+      _from_state(out["dA"].sum(0))[:d, :n].astype(a_mat.dtype),
       out["db"].sum(1)[:, :t, :n].astype(b.dtype),
       out["dc"].sum(1)[:, :t, :n].astype(c.dtype),
       chan(out["dD"], d_skip) if cfg.has_d else None,
       seq(out["dz"]).astype(z.dtype) if cfg.has_z else None,
       chan(out["dbias"], dt_bias) if cfg.has_bias else None,
-      _from_state(cfg, out["dh0"])[:, :d, :n].astype(h0.dtype) if cfg.has_h0 else None,
+      _from_state(out["dh0"])[:, :d, :n].astype(h0.dtype) if cfg.has_h0 else None,
       None,
   )
   return grads
@@ -779,9 +799,11 @@ _scan.defvjp(_scan_fwd, _scan_bwd)
 # ------------------------------------------------------------------------------
 # Public entry point.
 
-_DEFAULTS = {  # backend -> (block_d, chunk, sub, num_warps, state_dn)
-    "tpu": (512, 64, 8, 4, False),
-    "gpu": (64, 64, 8, 4, False),
+_DEFAULTS = {  # backend -> block_d, chunk, sub_chunk, fwd_sub_chunk, num_warps, reduce_batch
+    "tpu": dict(block_d=512, chunk=64, sub_chunk=8, fwd_sub_chunk=8, num_warps=4,
+                reduce_batch=1),
+    "gpu": dict(block_d=128, chunk=64, sub_chunk=4, fwd_sub_chunk=8, num_warps=4,
+                reduce_batch=2),
 }
 
 
@@ -824,7 +846,8 @@ def _check_shapes(x, dt, a_mat, b, c, d_skip, z, dt_bias, h0, segment_ids):
 def selective_scan_pallas(x, dt, A, b, c, *, d_skip=None, z=None, dt_bias=None,
                           dt_softplus=True, initial_state=None, segment_ids=None,
                           backend=None, interpret=False, block_d=None, chunk=None,
-                          sub_chunk=None, num_warps=None, state_dn=None, reduce_batch=None):
+                          sub_chunk=None, fwd_sub_chunk=None, num_warps=None,
+                          reduce_batch=None):
   """Fused selective scan (see the module docstring for the math).
 
   Args:
@@ -842,21 +865,27 @@ def selective_scan_pallas(x, dt, A, b, c, *, d_skip=None, z=None, dt_bias=None,
     backend: "tpu", "gpu" or None (from jax.default_backend(); on CPU with
       interpret=True the TPU form is used).
     interpret: run the Pallas kernels in interpret mode (CPU tests).
-    block_d: channels per kernel block (TPU: multiple of 128; GPU: power of 2).
-    chunk: time steps per chunk (checkpoint spacing; TPU: multiple of 16).
-    sub_chunk, num_warps, state_dn, reduce_batch: tuning knobs (steps per
-      unrolled loop body, which the backward keeps on chip; GPU warps per
-      program; GPU state layout [block_d, N]; GPU steps per batched reduction).
-      None = defaults.
+    block_d: channels per program (TPU: multiple of 128; GPU: power of 2).
+    chunk: time steps per chunk = checkpoint spacing (multiple of 8; of 16 for
+      16-bit inputs on TPU).
+    sub_chunk, fwd_sub_chunk, num_warps, reduce_batch: tuning knobs: steps per
+      unrolled backward body (their states stay on chip; divides chunk), steps
+      per unrolled GPU forward body, GPU warps per program, GPU backward steps
+      per batched reduction over channels. None = per-backend defaults.
 
   Returns:
     (y [B, T, D] in x.dtype, final_state [B, D, N] float32).
   """
   _check_shapes(x, dt, A, b, c, d_skip, z, dt_bias, initial_state, segment_ids)
   backend = _pick_backend(backend, interpret)
-  d_bd, d_chunk, d_sub, d_warps, d_dn = _DEFAULTS[backend]
+  knobs = dict(_DEFAULTS[backend])
+  for name, val in (("block_d", block_d), ("chunk", chunk), ("sub_chunk", sub_chunk),
+                    ("fwd_sub_chunk", fwd_sub_chunk), ("num_warps", num_warps),
+                    ("reduce_batch", reduce_batch)):
+    if val is not None:
+      knobs[name] = int(val)
   bsz, t, d = x.shape
-  block_d = block_d or d_bd
+  block_d = knobs["block_d"]
   if backend == "tpu":
     block_d = min(block_d, _round_up(d, 128))
     if block_d % 128:
@@ -865,22 +894,21 @@ def selective_scan_pallas(x, dt, A, b, c, *, d_skip=None, z=None, dt_bias=None,
     block_d = min(block_d, max(16, pl.next_power_of_2(d)))
     if block_d & (block_d - 1):
       raise ValueError(f"block_d must be a power of 2 on GPU, got {block_d}.")
-  chunk = chunk or d_chunk
-  chunk = min(chunk, _round_up(t, 16))
+  chunk = min(knobs["chunk"], _round_up(t, 16))
   if chunk % 8 or (backend == "tpu" and x.dtype.itemsize < 4 and chunk % 16):
     raise ValueError(f"chunk must be a multiple of 8 (16 for 16-bit inputs on TPU), got {chunk}.")
-  sub = min(sub_chunk or d_sub, chunk)
-  red_batch = min(reduce_batch or 8, sub)
-  if chunk % sub or sub & (sub - 1) or red_batch & (red_batch - 1):
-    raise ValueError(f"sub_chunk ({sub}) and reduce_batch ({red_batch}) must be powers of 2 "
-                     f"and sub_chunk must divide chunk ({chunk}).")
+  sub = min(knobs["sub_chunk"], chunk)
+  fwd_sub = min(knobs["fwd_sub_chunk"], chunk)
+  red_batch = min(knobs["reduce_batch"], sub)
+  for name, val in (("sub_chunk", sub), ("fwd_sub_chunk", fwd_sub), ("reduce_batch", red_batch)):
+    if val & (val - 1) or chunk % val:
+      raise ValueError(f"{name} must be a power of 2 dividing chunk ({chunk}), got {val}.")
   cfg = ScanConfig(
-      backend=backend, seq_len=t, chunk=chunk, sub=sub, red_batch=red_batch,
-      block_d=block_d, has_d=d_skip is not None, has_z=z is not None,
-      has_bias=dt_bias is not None, has_h0=initial_state is not None,
-      has_seg=segment_ids is not None, softplus=bool(dt_softplus),
-      interpret=bool(interpret), num_warps=num_warps or d_warps,
-      state_dn=bool(d_dn if state_dn is None else state_dn) and backend == "gpu")
+      backend=backend, seq_len=t, chunk=chunk, sub=sub, block_d=block_d,
+      has_d=d_skip is not None, has_z=z is not None, has_bias=dt_bias is not None,
+      has_h0=initial_state is not None, has_seg=segment_ids is not None,
+      softplus=bool(dt_softplus), interpret=bool(interpret), fwd_sub=fwd_sub,
+      num_warps=knobs["num_warps"], red_batch=red_batch)
   keep = None
   if segment_ids is not None:
     same = segment_ids[:, 1:] == segment_ids[:, :-1]
