@@ -172,6 +172,10 @@ def byte_floor(shape, itemsize):
   return fwd, fwd + bwd
 
 
+_T0 = time.perf_counter()
+_BUDGET = [float("inf")]
+
+
 def bench_shape(shape, dtype, impls, key, reps):
   rows = []
   sets = [make_inputs(jax.random.fold_in(key, i), shape, dtype) for i in range(2)]
@@ -186,8 +190,14 @@ def bench_shape(shape, dtype, impls, key, reps):
         ("fwd", fwd, [(s,) for s in sets], fb),
         ("fwd+bwd", both, [(s,) + d for s, d in zip(sets, dys)], fbb)):
       row = {"shape": list(shape), "dtype": jnp.dtype(dtype).name, "impl": label, "mode": mode}
+      if time.perf_counter() - _T0 > _BUDGET[0]:
+        row["error"] = "skipped: time budget"
+        rows.append(row)
+        continue
       try:
         t0 = time.perf_counter()
+        jax.block_until_ready(run(*args[0]))  # compile + first run
+        row["first_call_s"] = time.perf_counter() - t0
         med, best = time_fn(run, args, reps=reps)
         row.update(ms=med, ms_min=best, floor_ms=floor / PEAK_BYTES * 1e3,
                    share_of_floor=floor / PEAK_BYTES * 1e3 / med,
@@ -213,8 +223,11 @@ def main():
   ap.add_argument("--configs", default="", help="JSON list of kernel kwargs to sweep")
   ap.add_argument("--shapes", default="", help="JSON list of [B,T,D,N]")
   ap.add_argument("--interpret", action="store_true", help="CPU smoke test (tiny shapes)")
+  ap.add_argument("--budget_s", type=float, default=420.0,
+                  help="start no new measurement after this many seconds")
   args = ap.parse_args()
   print(jax.__version__, jax.devices(), flush=True)
+  _BUDGET[0] = args.budget_s
   dtype = jnp.dtype(args.dtype)
   key = jax.random.PRNGKey(0)
   result = {"jax": jax.__version__, "device": str(jax.devices()[0]), "checks": {}, "rows": []}
@@ -237,7 +250,7 @@ def main():
   reps = 10 if args.quick else 30
   if args.sweep:
     configs = json.loads(args.configs) if args.configs else [
-        {}, {"state_dn": True}, {"block_d": 128, "num_warps": 8}, {"block_d": 32, "num_warps": 2},
+        {}, {"block_d": 64, "num_warps": 2}, {"sub_chunk": 2}, {"block_d": 256, "num_warps": 8},
     ]
     sweep = []
     for kw in configs:

@@ -242,12 +242,22 @@ def _grad_outputs(cfg, p, step, valid, red):
 
 
 def _load_state(ref, *idx):
-  return _Cols(ref[idx + (n, slice(None))].astype(_F32) for n in range(ref.shape[-2]))
+  """[N, bd] block -> _Cols (one load, split in registers: few memory ops keep
+  Triton's coalescing pass, quadratic in them, fast)."""
+  tile = ref[idx + (slice(None), slice(None))].astype(_F32)
+  return _Cols(v.reshape(v.shape[1:]) for v in jnp.split(tile, tile.shape[0], axis=0))
+
+
+def _stack_last(vecs):
+  """Stacks 2^k arrays along a new last axis with 2-way stacks (Triton joins)."""
+  while len(vecs) > 1:  # the last-added axis is the low bit of the index
+    half = len(vecs) // 2
+    vecs = [jnp.stack([vecs[j], vecs[j + half]], axis=-1) for j in range(half)]
+  return vecs[0].reshape(vecs[0].shape[:1] + (-1,))
 
 
 def _store_state(ref, state, *idx):
-  for n, col in enumerate(state):
-    ref[idx + (n, slice(None))] = col.astype(ref.dtype)
+  ref[idx + (slice(None), slice(None))] = _stack_last(list(state)).T.astype(ref.dtype)
 
 
 def _gpu_params(cfg, r):
@@ -268,8 +278,9 @@ def _gpu_getter(cfg, r, base):
       return t < cfg.seq_len
     if name == "keep":
       return r["keep"][t]
-    if name in ("b", "c"):
-      return _Cols(r[name][t, n].astype(_F32) for n in range(r[name].shape[1]))
+    if name in ("b", "c"):  # one vector load, split into N scalars in registers
+      row = r[name][t, :].astype(_F32)
+      return _Cols(v.reshape(()) for v in jnp.split(row, row.shape[0]))
     return r[name][t, :].astype(_F32)
 
   return get
@@ -277,11 +288,7 @@ def _gpu_getter(cfg, r, base):
 
 def _stack_sum_d(prods):
   """[S x _Cols of N [bd] vectors] -> [S, N] sums over bd, in one (batched) reduction."""
-  vecs = [v for pr in prods for v in pr]  # index s * N + n
-  while len(vecs) > 1:  # 2-way stacks (Triton joins); the last-added axis is the low bit
-    half = len(vecs) // 2
-    vecs = [jnp.stack([vecs[j], vecs[j + half]], axis=-1) for j in range(half)]
-  st = vecs[0].reshape(vecs[0].shape[0], -1)
+  st = _stack_last([v for pr in prods for v in pr])  # [bd, S * N], index s * N + n
   return jnp.sum(st, axis=0).reshape(len(prods), len(prods[0]))
 
 
