@@ -9,17 +9,18 @@ Math (per batch row; D channels, N states; float32 state and accumulation):
 with keep_t = 0 where `segment_ids` changes (t > 0) and 1 elsewhere (the initial
 state only reaches the first segment); returns (y in x.dtype, h_{T-1} float32).
 
-Kernels. The state of one block of channels lives on chip as an [N, block_d]
-(or, on GPU, optionally [block_d, N]) float32 array; no [T, D, N] tensor ever
-touches HBM. Time is walked sequentially in chunks of `chunk` steps:
-  * TPU (Mosaic): grid (B, D/block_d, T/chunk), the chunk axis "arbitrary", the
-    state carried across chunks in VMEM scratch.
-  * GPU (Triton lowering): grid (B, D/block_d); each program walks all chunks in
-    a loop with the state in registers.
+Kernels. The state of one block of channels lives on chip in float32; no
+[T, D, N] tensor ever touches HBM. Time is walked sequentially:
+  * TPU (Mosaic): grid (B, D/block_d, T/chunk), the chunk axis "arbitrary"; the
+    state is an [N, block_d] value carried across chunks in VMEM scratch; each
+    grid step runs one chunk, fully unrolled.
+  * GPU (Triton lowering): grid (B, D/block_d); each program walks all of time
+    in loops of a few unrolled steps; the state is N per-channel vectors (each
+    thread owns all N states of its channel), so sums over N are register adds.
 The forward saves the state at every chunk start ([B, T/chunk, N, D] float32, a
 1/chunk fraction of the [T, D, N] states). The backward walks the chunks in
-reverse: it recomputes each chunk's states from its checkpoint (first every
-`sub` steps, then step by step inside each sub-chunk, all unrolled on chip) and
+reverse: it recomputes each chunk's states from its checkpoint (first the states
+every `sub` steps, then step by step inside each sub-chunk, kept on chip) and
 runs the reverse (adjoint) scan g_{t-1} = a_t g_t + c_t dy_t on chip. Gradients:
 
     w_t      = g_t * a_t * h_{t-1}          (dL/d(delta_t A), per [d, n])
@@ -35,7 +36,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
