@@ -221,7 +221,7 @@ def retention(q, k, v, log_decay, *, initial_state=None, segment_ids=None, impl=
   """
   _check(q, k, v, log_decay, initial_state, segment_ids)
   if impl == "auto":
-    impl = _auto_impl()
+    impl = _auto_impl(q.shape[-1], v.shape[-1])
   if impl == "reference":
     return _retention_reference(q, k, v, log_decay, initial_state, segment_ids)
   if impl == "parallel":
@@ -242,9 +242,19 @@ def retention(q, k, v, log_decay, *, initial_state=None, segment_ids=None, impl=
   raise ValueError(f"retention impl={impl!r} is unknown; use one of {IMPLS}.")
 
 
-def _auto_impl() -> str:
-  """The Pallas kernel on TPU and GPU; the XLA chunkwise form elsewhere (CPU)."""
-  return "pallas" if jax.default_backend() in ("tpu", "gpu", "cuda", "rocm") else "chunkwise"
+# Head sizes (d_k * d_v) the GPU kernel's tiles were measured at on the H200 (benchmarks/RESULTS.md);
+# the paper's wide heads (320 x 1280, 384 x 1536) exceed its shared-memory budget there.
+_GPU_KERNEL_MAX_HEAD = 128 * 256
+
+
+def _auto_impl(dk: int, dv: int) -> str:
+  """The Pallas kernel on TPU, and on GPU for the head sizes it is tuned for; else chunkwise."""
+  platform = jax.default_backend()
+  if platform == "tpu":
+    return "pallas"
+  if platform in ("gpu", "cuda", "rocm") and dk * dv <= _GPU_KERNEL_MAX_HEAD:
+    return "pallas"
+  return "chunkwise"
 
 
 def retention_step(q_BxHxK, k_BxHxK, v_BxHxV, log_decay, state_BxHxKxV, reset_B=None):
