@@ -13,9 +13,9 @@ from tests.helpers import init, rel, replace, tiny
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.mark.parametrize("name", ["dense_retnet"])
+@pytest.mark.parametrize("name", ["dense_retnet", "dense_mamba"])
 def test_model_with_pallas_kernel_matches_xla(name):
-  cfg = tiny(name, chunk_size=16, impl="chunkwise")
+  cfg = tiny(name, chunk_size=16, impl="xla")
   model, params = init(cfg)
   tokens = jax.random.randint(jax.random.PRNGKey(0), (2, 37), 0, cfg.vocab_size)
   seg = (jax.numpy.arange(37) >= 20).astype(jax.numpy.int32)[None].repeat(2, 0)

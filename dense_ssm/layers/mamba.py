@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dense_ssm import ops
-from dense_ssm.layers.common import Linear, constrain, dtype_of
+from dense_ssm.layers.common import Linear, batch_mesh_axes, constrain, dtype_of
 from dense_ssm.layers.dense import DenseFusion
 
 
@@ -144,7 +144,7 @@ class MambaMixer(nn.Module):
     else:
       y, h = ops.selective_scan(x, dt, a, b, c, d_skip=self.d_skip, z=z_in, dt_bias=self.dt_bias,
                                 initial_state=h0, segment_ids=segment_ids, impl=cfg.impl,
-                                chunk_size=cfg.chunk_size)
+                                chunk_size=cfg.chunk_size, batch_axes=batch_mesh_axes())
       h_all = None
       if state_level:
         h_all, _ = ops.selective_scan_states(x, dt, a, b, dt_bias=self.dt_bias, initial_state=h0,

@@ -11,8 +11,10 @@ Implementations:
   "sequential"   `lax.scan` over time (the reference; state [B,D,N] only).
   "associative"  `jax.lax.associative_scan` over time, run in chunks of `chunk_size` tokens with the
                  state carried between chunks (bounds the [B,C,D,N] intermediate).
-  "pallas"       fused Pallas kernel (dense_ssm/ops/selective_scan_pallas.py).
-  "auto"         pallas on TPU/GPU when available, else associative.
+  "pallas"       fused Pallas kernel (dense_ssm/ops/selective_scan_pallas.py), TPU and GPU;
+                 "pallas_interpret" runs it in the Pallas interpreter (any platform; for tests).
+  "auto"         pallas on TPU; associative elsewhere (the GPU kernel is not yet measured on a GPU,
+                 benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ def _f32(a):
   """At least float32 (bf16 -> f32; f64 stays f64 so float64 gradient checks are exact)."""
   return a.astype(jnp.promote_types(a.dtype, jnp.float32))
 
-IMPLS = ("auto", "sequential", "reference", "associative", "xla", "pallas")
+IMPLS = ("auto", "sequential", "reference", "associative", "xla", "pallas", "pallas_interpret")
 
 
 def _check(x, dt, a, b, c, initial_state, segment_ids):
@@ -137,13 +139,15 @@ def _scan_associative(x, dt, a, b, c, h0, segment_ids, dt_bias, dt_softplus, chu
 
 
 def selective_scan(x, dt, a, b, c, *, d_skip=None, z=None, dt_bias=None, dt_softplus=True,
-                   initial_state=None, segment_ids=None, impl="auto", chunk_size=128):
+                   initial_state=None, segment_ids=None, impl="auto", chunk_size=128,
+                   batch_axes=None):
   """Selective scan of Mamba-1 (see module doc).
 
   Args:
     x, dt: [B,T,D]; a: [D,N] (negative); b, c: [B,T,N]; d_skip, dt_bias: [D]; z: [B,T,D].
     initial_state: optional float32 [B,D,N]; segment_ids: optional [B,T].
     impl: one of IMPLS; chunk_size: time chunk of the associative form.
+    batch_axes: mesh axes sharding the batch; under a mesh the Pallas kernel runs per batch shard.
   Returns:
     (y [B,T,D] in x.dtype, final_state [B,D,N] float32).
   """
@@ -153,16 +157,24 @@ def selective_scan(x, dt, a, b, c, *, d_skip=None, z=None, dt_bias=None, dt_soft
         if initial_state is None
         else _f32(initial_state))
   if impl == "auto":
-    impl = "associative"
+    impl = "pallas" if jax.default_backend() == "tpu" else "associative"
   if impl in ("sequential", "reference"):
     y, h = _scan_sequential(x, dt, a, b, c, h0, segment_ids, dt_bias, dt_softplus)
   elif impl in ("associative", "xla"):
     y, h = _scan_associative(x, dt, a, b, c, h0, segment_ids, dt_bias, dt_softplus, chunk_size)
-  elif impl == "pallas":
+  elif impl in ("pallas", "pallas_interpret"):
     from dense_ssm.ops import selective_scan_pallas  # pylint: disable=g-import-not-at-top
-    return selective_scan_pallas.selective_scan_pallas(
-        x, dt, a, b, c, d_skip=d_skip, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus,
-        initial_state=initial_state, segment_ids=segment_ids)
+    from dense_ssm.ops.dispatch import batch_sharded  # pylint: disable=g-import-not-at-top
+
+    def kernel(x, dt, a, b, c, d_skip, z, dt_bias, initial_state, segment_ids):
+      return selective_scan_pallas.selective_scan_pallas(
+          x, dt, a, b, c, d_skip=d_skip, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus,
+          initial_state=initial_state, segment_ids=segment_ids,
+          interpret=impl == "pallas_interpret")
+
+    return batch_sharded(
+        kernel, (x, dt, a, b, c, d_skip, z, dt_bias, initial_state, segment_ids),
+        (True, True, False, True, True, False, True, False, True, True), batch_axes, 2)
   else:
     raise ValueError(f"selective_scan impl={impl!r} is unknown; use one of {IMPLS}.")
   return _finish(y, x, d_skip, z), h
