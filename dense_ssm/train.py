@@ -32,6 +32,8 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+import dense_ssm
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file (configs/*.py).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs, the tokenizer.")
 _COMPILE_ONLY = flags.DEFINE_bool("compile_only", False,
@@ -454,22 +456,10 @@ def _load_config():
   return config
 
 
-def _default_to_cpu_without_accelerators() -> None:
-  """JAX_PLATFORMS=cpu when this machine has no accelerator device files (and JAX_PLATFORMS is
-  unset): an installed libtpu would otherwise probe for a TPU and print warnings."""
-  if "JAX_PLATFORMS" in os.environ:
-    return
-  patterns = ("/dev/accel*", "/dev/vfio/[0-9]*", "/dev/nvidia[0-9]*", "/dev/kfd", "/dev/dri")
-  if not any(glob.glob(p) for p in patterns):
-    import jax  # pylint: disable=g-import-not-at-top  # (already imported by the config)
-
-    jax.config.update("jax_platforms", "cpu")
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
-  _default_to_cpu_without_accelerators()
+  dense_ssm.default_to_cpu_without_accelerators()  # flags may have imported jax first
   if not flags.FLAGS["verbosity"].present:  # console: our lines + warnings; -v 0 for all logs
     logging.set_verbosity(logging.WARNING)
   try:
