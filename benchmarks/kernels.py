@@ -29,6 +29,8 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench_timing  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 PEAK_FLOPS = 790e12  # bf16 dense matmul measured on this H200 kind (KINDS.md)
 PEAK_BYTES = 4.3e12  # device-to-device copy, bytes read + written
@@ -50,17 +52,7 @@ def rel_err(a, b):
 
 def time_jax(fn, arg_sets, warmup=3, reps=20, inner=5):
   """Median ms per call; each rep runs `inner` async calls over rotating inputs, then blocks."""
-  for i in range(warmup):
-    jax.block_until_ready(fn(*arg_sets[i % len(arg_sets)]))
-  times = []
-  for r in range(reps):
-    t0 = time.perf_counter()
-    out = None
-    for i in range(inner):
-      out = fn(*arg_sets[(r * inner + i) % len(arg_sets)])
-    jax.block_until_ready(out)
-    times.append((time.perf_counter() - t0) / inner * 1e3)
-  return statistics.median(times)
+  return statistics.median(bench_timing.time_calls(fn, arg_sets, warmup, reps, inner))
 
 
 def time_torch(fn, arg_sets, warmup=3, reps=20, inner=5):

@@ -30,6 +30,8 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench_timing  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from dense_ssm.ops.selective_scan_pallas import selective_scan_pallas  # pylint: disable=g-import-not-at-top
 
@@ -149,16 +151,7 @@ def check(fn_kw, dtype, key, shape=(2, 1000, 256, 16)):
 
 
 def time_fn(fn, arg_sets, warmup=3, reps=30, inner=3):
-  for i in range(warmup):
-    jax.block_until_ready(fn(*arg_sets[i % len(arg_sets)]))
-  times = []
-  for r in range(reps):
-    t0 = time.perf_counter()
-    out = None
-    for i in range(inner):
-      out = fn(*arg_sets[(r * inner + i) % len(arg_sets)])
-    jax.block_until_ready(out)
-    times.append((time.perf_counter() - t0) / inner * 1e3)
+  times = bench_timing.time_calls(fn, arg_sets, warmup, reps, inner)
   return statistics.median(times), min(times)
 
 
@@ -231,6 +224,7 @@ def main():
   dtype = jnp.dtype(args.dtype)
   key = jax.random.PRNGKey(0)
   result = {"jax": jax.__version__, "device": str(jax.devices()[0]), "checks": {}, "rows": []}
+  os.makedirs(args.out, exist_ok=True)
   out_path = os.path.join(args.out, "kernels_scan.json")
 
   def save():
