@@ -60,7 +60,8 @@ class ModelConfig:
   dense: DenseConfig = dataclasses.field(default_factory=DenseConfig)
   # Computation.
   mode: str = "chunkwise"  # parallel | chunkwise (training-time sequence mixing)
-  impl: str = "auto"  # op implementation: auto | xla | pallas | reference
+  impl: str = "auto"  # ops impl, shared by all families: auto | xla | pallas | reference
+  # (also pallas_interpret for CPU tests; retention-only: parallel, chunkwise)
   chunk_size: int = 64
   dtype: str = "float32"  # compute dtype
   param_dtype: str = "float32"
