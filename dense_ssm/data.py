@@ -47,6 +47,7 @@ import itertools
 import json
 import math
 import os
+import socket
 import sysconfig
 from typing import Any, Callable, Sequence
 
@@ -321,10 +322,13 @@ def load_tokenizer(config, workdir: str | None = None) -> Tokenizer:
       tokenizer = train_tokenizer((docs.items[i] for i in order), wanted,
                                   max_chars=d.tokenizer_train_chars, path=path)
       if path:
+        # Every host trains the same (deterministic) tokenizer; each writes its own temporary
+        # file and renames it atomically, so hosts sharing a workdir never collide.
         os.makedirs(workdir, exist_ok=True)
-        with open(path + ".tmp", "wb") as f:
+        tmp = f"{path}.tmp-{socket.gethostname()}-{os.getpid()}"
+        with open(tmp, "wb") as f:
           f.write(tokenizer.model_proto)
-        os.replace(path + ".tmp", path)
+        os.replace(tmp, path)
   _check_vocab(tokenizer, vocab_size)
   return tokenizer
 
