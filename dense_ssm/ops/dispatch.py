@@ -1,4 +1,4 @@
-"""Running a Pallas kernel under a sharded `jit`.
+"""Choosing and running Pallas kernels: the accelerator kind, and execution under a mesh.
 
 XLA cannot partition a Pallas call, so under a device mesh the kernel runs inside `jax.shard_map`
 over the mesh axes that shard the batch: each device runs the kernel on its batch shard.
@@ -10,6 +10,28 @@ from typing import Callable, Sequence
 
 import jax
 from jax.sharding import PartitionSpec as P
+
+
+def accelerator() -> str | None:
+  """'tpu' or 'gpu' for JAX's default backend; None on CPU."""
+  platform = jax.default_backend()
+  if platform == "tpu":
+    return "tpu"
+  if platform in ("gpu", "cuda", "rocm"):
+    return "gpu"
+  return None
+
+
+def kernel_backend(op: str, interpret: bool, interpret_backend: str, fallback: str) -> str:
+  """The kernel flavour to run: the accelerator's, else `interpret_backend` in interpret mode;
+  otherwise a one-line error naming `fallback` (the XLA form to use instead)."""
+  kind = accelerator()
+  if kind is not None:
+    return kind
+  if interpret:
+    return interpret_backend
+  raise ValueError(f"{op} has no kernel for platform {jax.default_backend()!r}; pass "
+                   f"interpret=True to run it in the Pallas interpreter, or use {fallback}.")
 
 
 def batch_sharded(fn: Callable, args: Sequence, batched: Sequence[bool], batch_axes,

@@ -16,7 +16,8 @@ Implementations:
                "xla" is an alias.
   "pallas"     fused Pallas kernel (dense_ssm/ops/retention_pallas.py), TPU and GPU.
                "pallas_interpret" runs it in the Pallas interpreter (any platform; for tests).
-  "auto"       pallas on TPU/GPU when available, else chunkwise.
+  "auto"       pallas on TPU, and on GPU for the head sizes it was measured at (d_k * d_v <=
+               128 * 256); chunkwise otherwise (CPU, wide heads on GPU).
 
 The SPEC section 4 reference-exact *normalised* parallel form used by DenseRetNet's parallel mode
 is `retention_parallel_normalized`; the layer applies the closed-form row factor otherwise.
@@ -249,10 +250,9 @@ _GPU_KERNEL_MAX_HEAD = 128 * 256
 
 def _auto_impl(dk: int, dv: int) -> str:
   """The Pallas kernel on TPU, and on GPU for the head sizes it is tuned for; else chunkwise."""
-  platform = jax.default_backend()
-  if platform == "tpu":
-    return "pallas"
-  if platform in ("gpu", "cuda", "rocm") and dk * dv <= _GPU_KERNEL_MAX_HEAD:
+  from dense_ssm.ops.dispatch import accelerator  # pylint: disable=g-import-not-at-top
+  kind = accelerator()
+  if kind == "tpu" or (kind == "gpu" and dk * dv <= _GPU_KERNEL_MAX_HEAD):
     return "pallas"
   return "chunkwise"
 

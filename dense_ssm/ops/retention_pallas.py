@@ -40,6 +40,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from dense_ssm.ops import dispatch
+
 BACKENDS = ("tpu", "gpu")
 _INPUT_DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
 
@@ -244,16 +246,8 @@ def _check_inputs(q, k, v, log_decay, initial_state, segment_ids, chunk_size, ba
 
 def default_backend(interpret=False):
   """'tpu' or 'gpu' from jax.default_backend(); interpret mode on CPU runs the GPU kernels."""
-  platform = jax.default_backend()
-  if platform == "tpu":
-    return "tpu"
-  if platform in ("gpu", "cuda", "rocm"):
-    return "gpu"
-  if interpret:
-    return "gpu"
-  raise ValueError(f"retention_pallas has no kernel for platform {platform!r}; pass "
-                   "interpret=True to run a kernel in the interpreter, or use the XLA chunkwise "
-                   "form (ops.retention(impl='chunkwise')).")
+  return dispatch.kernel_backend("retention_pallas", interpret, "gpu",
+                                 "the XLA chunkwise form (ops.retention(impl='chunkwise'))")
 
 
 def _pad_axis(x, axis, new_size):

@@ -157,7 +157,8 @@ def selective_scan(x, dt, a, b, c, *, d_skip=None, z=None, dt_bias=None, dt_soft
         if initial_state is None
         else _f32(initial_state))
   if impl == "auto":
-    impl = "pallas" if jax.default_backend() == "tpu" else "associative"
+    from dense_ssm.ops.dispatch import accelerator  # pylint: disable=g-import-not-at-top
+    impl = "pallas" if accelerator() == "tpu" else "associative"
   if impl in ("sequential", "reference"):
     y, h = _scan_sequential(x, dt, a, b, c, h0, segment_ids, dt_bias, dt_softplus)
   elif impl in ("associative", "xla"):

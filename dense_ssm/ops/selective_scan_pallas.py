@@ -41,6 +41,8 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
+from dense_ssm.ops import dispatch
+
 _LOG2E = 1.4426950408889634
 _F32 = jnp.float32
 
@@ -819,17 +821,8 @@ def _pick_backend(backend, interpret):
     if backend not in ("tpu", "gpu"):
       raise ValueError(f"backend must be None, 'tpu' or 'gpu', got {backend!r}.")
     return backend
-  platform = jax.default_backend()
-  if platform == "tpu":
-    return "tpu"
-  if platform in ("gpu", "cuda", "rocm"):
-    return "gpu"
-  if interpret:
-    return "tpu"
-  raise ValueError(
-      f"selective_scan_pallas needs a TPU or GPU (default backend is {platform!r}); "
-      "pass interpret=True to run the kernel in interpret mode, or use the XLA forms "
-      "in dense_ssm.ops.selective_scan.")
+  return dispatch.kernel_backend("selective_scan_pallas", interpret, "tpu",
+                                 "the XLA forms in dense_ssm.ops.selective_scan")
 
 
 def _check_shapes(x, dt, a_mat, b, c, d_skip, z, dt_bias, h0, segment_ids):
