@@ -150,6 +150,13 @@ class Checkpointer:
     self._mngr.wait_until_finished()
 
   def close(self) -> None:
+    # Orbax starts a background thread at construction to clean up temporary directories of
+    # earlier runs and awaits it only inside save(); neither wait_until_finished nor close does.
+    # A run that stops before its first save (e.g. a bad-input error) must await it too, or the
+    # thread races interpreter shutdown and prints a traceback after our one-line error.
+    await_cleanup = getattr(self._mngr, "_maybe_await_cleanup_tmp_directory", None)
+    if await_cleanup is not None:
+      await_cleanup()
     self._mngr.wait_until_finished()
     self._mngr.close()
 

@@ -133,3 +133,22 @@ def test_checkpoint_retention_and_data_state_round_trip(tmp_path):
                                        r"\(3, 3\) in the model; use a new --workdir"):
     ckpt.check_compatible(9, {"params": {"w": jax.ShapeDtypeStruct((3, 3), np.float32)}})
   ckpt.close()
+
+
+def test_checkpointer_close_awaits_orbax_startup_cleanup(tmp_path, monkeypatch):
+  """A run that errors before its first save closes the checkpointer; the temporary-directory
+  cleanup Orbax starts in the background must be finished by then (else it races shutdown)."""
+  import asyncio  # pylint: disable=g-import-not-at-top
+  from orbax.checkpoint import checkpoint_manager  # pylint: disable=g-import-not-at-top
+
+  done = []
+
+  async def slow_cleanup(*args, **kwargs):
+    del args, kwargs
+    await asyncio.sleep(0.5)
+    done.append(True)
+
+  monkeypatch.setattr(checkpoint_manager.temporary_paths, "cleanup_temporary_paths", slow_cleanup)
+  ckpt = checkpoint.Checkpointer(str(tmp_path / "ckpt"))
+  ckpt.close()
+  assert done == [True]
