@@ -27,6 +27,7 @@ everything is written to OUT/decode.json.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -39,6 +40,8 @@ import jax.numpy as jnp
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import profile_trace  # pylint: disable=g-import-not-at-top,wrong-import-position
 from dense_ssm import config_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
 from dense_ssm import generate as gen  # pylint: disable=wrong-import-position
 from dense_ssm.models import ModelConfig, build_model, count_params, init_cache  # pylint: disable=wrong-import-position
@@ -120,24 +123,34 @@ class Runner:
                                                        jnp.ones((), jnp.float32)),
             "eos": jnp.asarray(-1, jnp.int32)}
 
-  def time_decode(self, batch: int, context: int, reps: int) -> dict:
-    """Median seconds for `new_tokens` steps; each run starts from a fresh carry."""
+  def time_decode(self, batch: int, context: int, reps: int, profile: str = "") -> dict:
+    """Median seconds for `new_tokens` steps; each run starts from a fresh carry. With
+    `profile` (a .trace.json.gz path), one more run is traced there and summarised."""
     state_bytes = tree_bytes(self.carry(batch, context)["cache"])
-    times = []
-    for r in range(reps + 1):  # run 0: compile + warm-up
+    times, first = [], 0.0
+    for r in range(reps + 1 + bool(profile)):  # run 0: compile + warm-up; last: traced
       carry = self.carry(batch, context)
       jax.block_until_ready(carry)
-      t0 = time.perf_counter()
-      carry, out, n = self.block(self.params, carry)
-      jax.block_until_ready(out)
-      dt = time.perf_counter() - t0
+      traced = profile and r == reps + 1
+      with profile_trace.record(profile) if traced else contextlib.nullcontext():
+        t0 = time.perf_counter()
+        carry, out, n = self.block(self.params, carry)
+        jax.block_until_ready(out)
+        dt = time.perf_counter() - t0
       assert int(n) == self.new_tokens
-      if r:
+      if r == 0:
+        first = dt
+      elif not traced:
         times.append(dt)
     sec = statistics.median(times)
-    return {"batch": batch, "context": context, "new_tokens": self.new_tokens,
-            "seconds": sec, "ms_per_token": 1e3 * sec / self.new_tokens,
-            "tokens_per_s": batch * self.new_tokens / sec, "state_bytes": state_bytes}
+    row = {"batch": batch, "context": context, "new_tokens": self.new_tokens,
+           "seconds": sec, "ms_per_token": 1e3 * sec / self.new_tokens,
+           "tokens_per_s": batch * self.new_tokens / sec, "state_bytes": state_bytes,
+           "first_run_s": first}
+    if profile:
+      row["profile"] = profile_trace.summarize(profile)
+      print(profile_trace.format_summary(row["profile"]), flush=True)
+    return row
 
 
 def main(argv=None) -> int:
@@ -149,6 +162,9 @@ def main(argv=None) -> int:
   p.add_argument("--reps", type=int, default=0, help="timed runs per point (default 5)")
   p.add_argument("--contexts", default="", help="latency contexts (default 1024,8192,32768)")
   p.add_argument("--batches", default="", help="throughput batches (default 1,64)")
+  p.add_argument("--profile", action="store_true",
+                 help="trace one batch-1 run per model into OUT/decode_*.trace.json.gz and print "
+                      "where the device time goes")
   a = p.parse_args(argv)
   tiny = a.tiny
   new_tokens = a.new_tokens or (16 if tiny else 256)
@@ -173,10 +189,14 @@ def main(argv=None) -> int:
     r = {"family": cfg.family, "params": count_params(cfg), "param_bytes": runner.param_bytes,
          "throughput": [], "latency": []}
     for b in batches:
-      row = runner.time_decode(b, throughput_context, reps)
+      prof = ""
+      if a.profile and b == 1:
+        prof = os.path.join(a.out, "decode_" + name.replace(".", "").replace("-", "_")
+                            + ".trace.json.gz")
+      row = runner.time_decode(b, throughput_context, reps, prof)
       r["throughput"].append(row)
-      print(f"{name}: batch {b}, context {throughput_context}: {row['tokens_per_s']:,.0f} tok/s",
-            flush=True)
+      print(f"{name}: batch {b}, context {throughput_context}: {row['tokens_per_s']:,.0f} tok/s "
+            f"(first run incl. compile {row['first_run_s']:.1f} s)", flush=True)
     for c in contexts:
       row = runner.time_decode(1, c, reps)
       r["latency"].append(row)

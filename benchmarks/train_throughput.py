@@ -39,6 +39,8 @@ import numpy as np  # pylint: disable=g-import-not-at-top
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import profile_trace  # pylint: disable=g-import-not-at-top,wrong-import-position
 from dense_ssm import models, optim, sharding, train_log, train_step  # pylint: disable=wrong-import-position
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -98,8 +100,9 @@ def compile_step(config, batch: int, seq: int):
   return compiled, fns, cfg, mesh, train_log.memory_report(compiled)
 
 
-def measure(config, batch: int, seq: int, steps: int, warmup: int) -> dict:
-  """Compiles and times the train step at one global batch size; raises if it does not fit."""
+def measure(config, batch: int, seq: int, steps: int, warmup: int, profile: str = "") -> dict:
+  """Compiles and times the train step at one global batch size; raises if it does not fit.
+  With `profile` (a .trace.json.gz path), two more steps are traced there and summarised."""
   t0 = time.perf_counter()
   compiled, fns, cfg, mesh, mem = compile_step(config, batch, seq)
   compile_s = time.perf_counter() - t0
@@ -117,6 +120,14 @@ def measure(config, batch: int, seq: int, steps: int, warmup: int) -> dict:
     if i >= warmup:
       times.append(time.perf_counter() - t)
   step_s = statistics.median(times)
+  summary = None
+  if profile:
+    with profile_trace.record(profile):
+      for _ in range(2):
+        state, metrics = compiled(state, data)
+      jax.block_until_ready(metrics)
+    summary = profile_trace.summarize(profile)
+    print(profile_trace.format_summary(summary), flush=True)
   tokens_s = batch * seq / step_s
   fpt = models.flops_per_token(cfg, seq)
   peak = train_log.peak_flops_per_device()
@@ -125,7 +136,8 @@ def measure(config, batch: int, seq: int, steps: int, warmup: int) -> dict:
       "tokens_per_s": tokens_s, "flops_per_token": fpt,
       "mfu": tokens_s * fpt / (peak * jax.device_count()) if peak else None,
       "memory_gib": mem.get("total", 0) / 2**30 if mem else None, "compile_s": compile_s,
-      "loss": float(metrics["loss"]), "dtype": cfg.dtype, "remat": cfg.remat,
+      "loss": float(metrics["loss"]), "dtype": cfg.dtype, "remat": cfg.remat, "impl": cfg.impl,
+      "profile": summary,
   }
 
 
@@ -148,14 +160,16 @@ def largest_batch_guess(spec: str, args) -> int | None:
 
 
 def run_config(spec: str, args) -> dict:
+  name = "".join(c if c.isalnum() else "_" for c in os.path.basename(spec))
+  prof = os.path.join(args.out, f"train_{name}.trace.json.gz") if args.profile else ""
   if args.batch != "auto":
     return {"config": spec, **measure(load_config(spec, args.set), int(args.batch), args.seq,
-                                      args.steps, args.warmup)}
+                                      args.steps, args.warmup, prof)}
   batch = largest_batch_guess(spec, args) or args.max_batch
   while batch >= jax.device_count():
     try:
       return {"config": spec, **measure(load_config(spec, args.set), batch, args.seq, args.steps,
-                                        args.warmup)}
+                                        args.warmup, prof)}
     except (MemoryError, jax.errors.JaxRuntimeError) as e:
       print(f"  {spec}: batch {batch} does not fit ({str(e).splitlines()[0][:120]})", flush=True)
       batch //= 2
@@ -186,6 +200,9 @@ def main():
   parser.add_argument("--warmup", type=int, default=3)
   parser.add_argument("--set", action="append", default=None, help="KEY=VALUE config override")
   parser.add_argument("--tiny", action="store_true", help="CPU smoke test: small configs")
+  parser.add_argument("--profile", action="store_true",
+                      help="trace two extra steps per config into OUT/train_*.trace.json.gz and "
+                           "print where the device time goes")
   parser.add_argument("--out", default=os.environ.get("OUT", "."))
   args = parser.parse_args()
   if args.set is None:
