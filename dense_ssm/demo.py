@@ -79,8 +79,9 @@ def _decode_fns(cfg, new_tokens: int):
 
   from dense_ssm import generate as gen  # pylint: disable=g-import-not-at-top
 
-  return (jax.jit(functools.partial(gen.start, cfg, max_new_tokens=new_tokens)),
-          jax.jit(functools.partial(gen.decode_block, cfg, block_size=new_tokens, pad_id=0)))
+  return (jax.jit(functools.partial(gen.start, cfg, max_new_tokens=new_tokens, greedy=True)),
+          jax.jit(functools.partial(gen.decode_block, cfg, steps=new_tokens, pad_id=0,
+                                    greedy=True)))
 
 
 def decode_ms_per_token(cfg, params, context: int, new_tokens: int = 32,
@@ -101,7 +102,7 @@ def decode_ms_per_token(cfg, params, context: int, new_tokens: int = 32,
     carry = jax.block_until_ready(start(params, tokens, np.ones_like(tokens),
                                         jax.random.PRNGKey(0), 0.0, 0, 1.0, -1))
     t0 = time.perf_counter()
-    jax.block_until_ready(block(params, carry, new_tokens))
+    jax.block_until_ready(block(params, carry))
     if r:
       times.append(time.perf_counter() - t0)
   return 1e3 * sorted(times)[len(times) // 2] / new_tokens

@@ -15,13 +15,21 @@ its positions restart there. One jitted `start` runs the prefill (the model's ch
 mode) and samples the first token; then jitted `blocks` each run up to `block_size` decode steps
 inside one `lax.while_loop` (no host round trip per token) that ends early once every row has
 emitted EOS. Sampling key of token i = fold_in(PRNGKey(seed), i), so the output does not depend
-on the block size. Streaming prints the text of each finished block: the host is involved once
+on the block size.
+
+Keeping the device busy. Inside a block, steps run in groups of `SYNC_EVERY` as a loop of static
+trip count: XLA runs such a loop without copying a loop predicate back to the host after every
+step, so the host enqueues the next steps while the device still runs the current one (a
+predicate read per step would leave the device idle while the host launches each step's
+kernels). The early-stop predicate is read once per group. Likewise greedy decoding is a static
+choice (argmax, no `lax.cond` to resolve on the host at each step) whenever the temperature is
+known to be 0 when the loop is built; the exported artifact keeps a traced choice. Streaming prints the text of each finished block: the host is involved once
 per block, not once per token (a `jax.debug.callback` per token would synchronise the device
 with the host at every step and serialise the loop). Without streaming, one block covers all
 tokens.
 
 Sampling (`temperature`, `top_k`, `top_p`) is traced from runtime scalars: changing them does
-not recompile. temperature = 0 is greedy (argmax).
+not recompile (switching between greedy, temperature 0, and sampling compiles each once).
 """
 
 from __future__ import annotations
@@ -40,23 +48,25 @@ from dense_ssm.models import build_model, init_cache
 from dense_ssm.models.config import ModelConfig
 
 DEFAULT_STREAM_BLOCK = 8
+SYNC_EVERY = 16  # decode steps per device-side group between early-stop checks
 
 
 # ------------------------------------------------------------------------------ sampling
 
 
-def sample_logits(logits_BxV, key, temperature, top_k, top_p):
+def sample_logits(logits_BxV, key, temperature, top_k, top_p, greedy: bool | None = None):
   """Next token per row. temperature <= 0: argmax. Else softmax(logits / temperature) restricted
   to the `top_k` largest logits (0: all) and to the smallest set of those whose probability
   reaches `top_p` (1: all). All three may be traced scalars; the sort that sampling needs runs
-  only when temperature > 0 (lax.cond). Row r draws with fold_in(key, r), so a row's sample
-  does not depend on the other rows of the batch."""
+  only when temperature > 0. `greedy` (static) fixes the branch when it is known (True: argmax,
+  False: sample); None picks it at run time (lax.cond). Row r draws with fold_in(key, r), so a
+  row's sample does not depend on the other rows of the batch."""
   logits_BxV = logits_BxV.astype(jnp.float32)
 
-  def greedy(_):
+  def take_argmax(_):
     return jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
 
-  def sample(_):
+  def draw(_):
     v = logits_BxV.shape[-1]
     x_BxV = logits_BxV / jnp.maximum(temperature, 1e-6)
     sorted_BxV = -jnp.sort(-x_BxV, axis=-1)  # descending
@@ -71,7 +81,9 @@ def sample_logits(logits_BxV, key, temperature, top_k, top_p):
     keys_B = jax.vmap(jax.random.fold_in, (None, 0))(key, jnp.arange(x_BxV.shape[0]))
     return jax.vmap(jax.random.categorical)(keys_B, x_BxV).astype(jnp.int32)
 
-  return jax.lax.cond(temperature > 0, sample, greedy, None)
+  if greedy is not None:
+    return take_argmax(None) if greedy else draw(None)
+  return jax.lax.cond(temperature > 0, draw, take_argmax, None)
 
 
 # ------------------------------------------------------------------------------ pure steps
@@ -102,7 +114,7 @@ def inference_config(cfg: ModelConfig) -> ModelConfig:
 
 
 def start(cfg: ModelConfig, params, tokens_BxT, segment_ids_BxT, key, temperature, top_k, top_p,
-          eos_id, *, max_new_tokens: int):
+          eos_id, *, max_new_tokens: int, greedy: bool | None = None):
   """Prefill + first sampled token. Returns the loop carry {"cache", "token" [B] (last emitted),
   "done" [B], "count" (tokens emitted), "key", "sampling", "eos"}. eos_id < 0: never stop."""
   model = build_model(cfg)
@@ -113,59 +125,79 @@ def start(cfg: ModelConfig, params, tokens_BxT, segment_ids_BxT, key, temperatur
   sampling = (jnp.asarray(temperature, jnp.float32), jnp.asarray(top_k, jnp.int32),
               jnp.asarray(top_p, jnp.float32))
   eos = jnp.asarray(eos_id, jnp.int32)
-  tok_B = sample_logits(logits_BxTxV[:, -1], jax.random.fold_in(key, 0), *sampling)
+  tok_B = sample_logits(logits_BxTxV[:, -1], jax.random.fold_in(key, 0), *sampling, greedy=greedy)
   return {"cache": cache, "token": tok_B, "done": tok_B == eos, "count": jnp.ones((), jnp.int32),
           "key": key, "sampling": sampling, "eos": eos}
 
 
-def decode_block(cfg: ModelConfig, params, carry, limit, *, block_size: int, pad_id: int):
-  """Up to min(block_size, limit) decode steps in one while_loop; stops early once all rows are
-  done. Returns (carry, tokens [B, block_size] (pad_id past the end), n_new)."""
+def decode_block(cfg: ModelConfig, params, carry, *, steps: int, pad_id: int,
+                 greedy: bool | None = None, sync_every: int = SYNC_EVERY):
+  """`steps` decode steps (static), in groups of `sync_every`; stops after the first group that
+  ends with every row done. Returns (carry, tokens [B, steps] (pad_id past a row's EOS and past
+  the end), n_new: the steps run, a multiple of the group size or `steps`)."""
   model = build_model(cfg)
   b = carry["token"].shape[0]
+  group = max(1, min(sync_every, steps))
+  n_groups, rest = divmod(steps, group)
 
-  def cond(state):
-    i, c, _ = state
-    return (i < jnp.minimum(block_size, limit)) & ~jnp.all(c["done"])
-
-  def body(state):
-    i, c, out_BxN = state
+  def step(i, state):
+    c, out_BxN = state
     logits_BxV, cache = model.apply({"params": params}, c["token"], c["cache"],
                                     method=model.decode_step)
-    tok_B = sample_logits(logits_BxV, jax.random.fold_in(c["key"], c["count"]), *c["sampling"])
+    tok_B = sample_logits(logits_BxV, jax.random.fold_in(c["key"], c["count"]), *c["sampling"],
+                          greedy=greedy)
     tok_B = jnp.where(c["done"], pad_id, tok_B)
     out_BxN = jax.lax.dynamic_update_slice_in_dim(out_BxN, tok_B[:, None], i, axis=1)
     c = {**c, "cache": cache, "token": tok_B, "done": c["done"] | (tok_B == c["eos"]),
          "count": c["count"] + 1}
-    return i + 1, c, out_BxN
+    return c, out_BxN
 
-  out = jnp.full((b, block_size), pad_id, jnp.int32)
-  n, carry, out = jax.lax.while_loop(cond, body, (jnp.zeros((), jnp.int32), carry, out))
+  def run_group(g, c, out_BxN, n):  # n static: a loop of known trip count
+    return jax.lax.fori_loop(0, n, lambda j, st: step(g * group + j, st), (c, out_BxN))
+
+  def cond(state):
+    g, c, _ = state
+    return (g < n_groups) & ~jnp.all(c["done"])
+
+  def body(state):
+    g, c, out_BxN = state
+    c, out_BxN = run_group(g, c, out_BxN, group)
+    return g + 1, c, out_BxN
+
+  out = jnp.full((b, steps), pad_id, jnp.int32)
+  g, carry, out = jax.lax.while_loop(cond, body, (jnp.zeros((), jnp.int32), carry, out))
+  n = g * group
+  if rest:
+    skip = jnp.all(carry["done"])
+    carry, out = jax.lax.cond(skip, lambda c, o: (c, o),
+                              lambda c, o: run_group(n_groups, c, o, rest), carry, out)
+    n = jnp.where(skip, n, n + rest)
   return carry, out, n
 
 
 def generate_tokens(cfg: ModelConfig, params, tokens_BxT, segment_ids_BxT, key, temperature=0.0,
-                    top_k=0, top_p=1.0, eos_id=-1, *, max_new_tokens: int, pad_id: int = 0):
+                    top_k=0, top_p=1.0, eos_id=-1, *, max_new_tokens: int, pad_id: int = 0,
+                    greedy: bool | None = None):
   """The whole generation as one traceable function (what `jax.export` serialises):
   [B, max_new_tokens] tokens, pad_id after a row's EOS."""
   carry = start(cfg, params, tokens_BxT, segment_ids_BxT, key, temperature, top_k, top_p, eos_id,
-                max_new_tokens=max_new_tokens)
+                max_new_tokens=max_new_tokens, greedy=greedy)
   first = carry["token"][:, None]
   if max_new_tokens == 1:
     return first
-  _, rest, _ = decode_block(cfg, params, carry, max_new_tokens - 1,
-                            block_size=max_new_tokens - 1, pad_id=pad_id)
+  _, rest, _ = decode_block(cfg, params, carry, steps=max_new_tokens - 1, pad_id=pad_id,
+                            greedy=greedy)
   return jnp.concatenate([first, rest], axis=1)
 
 
-@functools.lru_cache(maxsize=16)
-def _jitted(cfg: ModelConfig, max_new_tokens: int, block_size: int, pad_id: int):
-  """(whole generation, start, decode block), jitted for one configuration."""
+@functools.lru_cache(maxsize=32)
+def _jitted(cfg: ModelConfig, max_new_tokens: int, pad_id: int, greedy: bool):
+  """(whole generation, start, decode block of N steps), jitted for one configuration."""
   whole_fn = jax.jit(functools.partial(generate_tokens, cfg, max_new_tokens=max_new_tokens,
-                                       pad_id=pad_id))
-  start_fn = jax.jit(functools.partial(start, cfg, max_new_tokens=max_new_tokens))
-  block_fn = jax.jit(functools.partial(decode_block, cfg, block_size=block_size, pad_id=pad_id),
-                     donate_argnums=(1,))
+                                       pad_id=pad_id, greedy=greedy))
+  start_fn = jax.jit(functools.partial(start, cfg, max_new_tokens=max_new_tokens, greedy=greedy))
+  block_fn = jax.jit(functools.partial(decode_block, cfg, pad_id=pad_id, greedy=greedy),
+                     static_argnames=("steps",), donate_argnums=(1,))
   return whole_fn, start_fn, block_fn
 
 
@@ -192,7 +224,7 @@ def generate_ids(cfg: ModelConfig, params, prompts: Sequence[Sequence[int]], *,
                      f"max_len={cfg.max_len} learned positions; shorten the prompt or "
                      "max_new_tokens.")
   block_size = block_size or DEFAULT_STREAM_BLOCK
-  whole_fn, start_fn, block_fn = _jitted(cfg, max_new_tokens, block_size, pad_id)
+  whole_fn, start_fn, block_fn = _jitted(cfg, max_new_tokens, pad_id, temperature <= 0)
   key = jax.random.PRNGKey(seed)
   eos = eos_id if stop_at_eos else -1
   args = (params, tokens, seg, key, temperature, top_k, top_p, eos)
@@ -205,7 +237,7 @@ def generate_ids(cfg: ModelConfig, params, prompts: Sequence[Sequence[int]], *,
   done = np.asarray(carry["done"])
   remaining = max_new_tokens - 1
   while remaining > 0 and not done.all():
-    carry, new, n = block_fn(params, carry, min(block_size, remaining))
+    carry, new, n = block_fn(params, carry, steps=min(block_size, remaining))
     n = int(n)
     new = np.asarray(new)[:, :n]
     for row, was_done in enumerate(done):

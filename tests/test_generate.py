@@ -122,3 +122,24 @@ def test_decode_benchmark_smoke(tmp_path):
   assert [x["context"] for x in r["latency"]] == [32, 64]
   assert r["latency"][0]["state_bytes"] == r["latency"][1]["state_bytes"] > 0
   assert r["throughput"][0]["tokens_per_s"] > 0 and r["floor_tokens_per_s_b1"] > 0
+
+
+def test_decode_groups_match_and_stop_early():
+  """Steps run in groups of static length: any group size gives the same tokens, and a block
+  stops after the first group that ends with every row done (n counts the steps run)."""
+  cfg = gen.inference_config(tiny("dense_retnet", init_std=STD, num_layers=2))
+  _, params = init(cfg)
+  tokens, seg = gen.left_pad(PROMPTS[:2])
+  carry = gen.start(cfg, params, tokens, seg, jax.random.PRNGKey(0), 0.0, 0, 1.0, -1,
+                    max_new_tokens=8, greedy=True)
+  run = lambda c, **kw: gen.decode_block(cfg, params, c, steps=7, pad_id=0, greedy=True, **kw)
+  _, ref, n_ref = run(carry, sync_every=16)
+  _, grouped, n_grouped = run(carry, sync_every=3)  # groups of 3, 3, then 1
+  np.testing.assert_array_equal(ref, grouped)
+  assert int(n_ref) == int(n_grouped) == 7
+  eos = int(ref[0, 1])  # row 0 emits it at step 2; row 1 is made done from the start
+  stopping = {**carry, "eos": jnp.asarray(eos, jnp.int32), "done": jnp.asarray([False, True])}
+  _, out, n = run(stopping, sync_every=3)
+  assert int(n) == 3  # the first group ends with both rows done
+  assert out[0, :2].tolist() == ref[0, :2].tolist() and np.all(np.asarray(out)[0, 2:] == 0)
+  assert np.all(np.asarray(out)[1] == 0)
