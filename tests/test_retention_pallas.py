@@ -8,6 +8,7 @@ Then: the Triton lowering of the GPU kernels runs on CPU (lowering to Triton IR 
 the Mosaic TPU kernels AOT-compile for a v5e 2x2 topology inside shard_map (skipped without libtpu).
 """
 
+import importlib
 import os
 
 import jax
@@ -124,6 +125,43 @@ def test_gpu_tiling_with_partial_sums(precompute):
   products q k^T * D and do v^T * D come from a pre-pass kernel (the paper-head default)."""
   _check("gpu", b=1, t=40, h=1, dk=192, dv=320, with_h0=True, with_seg=precompute,
          chunk_size=16, tuning=(("bwd_budget", 4096), ("precompute", precompute)))
+
+
+@pytest.mark.parametrize("precompute", [False, True])
+def test_gpu_unpipelined_tiles(precompute):
+  """One pipeline stage (the paper heads' default): each sub-block of a state tile is read and
+  updated before the next one loads. [K, BV] tiles of 3 x 64 K sub-blocks; [64, 192] dq / dk tiles
+  of 3 x 64 value sub-blocks in 3 value groups (partial sums)."""
+  _check("gpu", b=1, t=40, h=1, dk=192, dv=576, with_h0=True, with_seg=precompute,
+         chunk_size=16, tuning=(("num_stages", 1), ("block_k", 64), ("group_v", 192),
+                                ("precompute", precompute)))
+
+
+def test_gpu_tile_choice():
+  """The H200-measured heads keep their tiles and 3 pipeline stages; the paper heads, whose q and k
+  tiles over all of d_k would need 250-370 KB of shared memory at 3 stages, get one stage."""
+  from dense_ssm.ops import retention_pallas_gpu as gpu  # pylint: disable=g-import-not-at-top
+  t = gpu.choose_tiles(128, 256, batch_heads=64)
+  assert (t.fwd_block_v, t.fwd_warps, t.block_v, t.block_k, t.group_v, t.bwd_warps) == (
+      64, 4, 128, 64, 256, 8)
+  assert (t.fwd_stages, t.dv_stages, t.dqk_stages, t.precompute) == (3, 3, 3, False)
+  for dk, dv, bh in ((320, 1280, 32), (384, 1536, 16)):
+    t = gpu.choose_tiles(dk, dv, batch_heads=bh)
+    assert (t.fwd_stages, t.dv_stages, t.dqk_stages, t.precompute) == (1, 1, 1, True)
+    assert gpu.supports(dk, dv)
+  assert gpu.choose_tiles(128, 256, 64, itemsize=4).fwd_stages == 1  # float32 tiles are 2x wider
+  assert gpu.choose_tiles(320, 1280, tuning=(("num_stages", 2),)).dqk_stages == 2
+  assert not gpu.supports(512, 1536) and not gpu.supports(384, 2048)
+
+
+def test_auto_impl_on_gpu_up_to_paper_heads(monkeypatch):
+  """impl="auto" on a GPU picks the kernel up to the paper's widest heads, chunkwise beyond."""
+  from dense_ssm.ops import dispatch  # pylint: disable=g-import-not-at-top
+  retention_ops = importlib.import_module("dense_ssm.ops.retention")  # ops.retention is the function
+  monkeypatch.setattr(dispatch, "accelerator", lambda: "gpu")
+  for dk, dv in ((128, 256), (128, 128), (320, 1280), (384, 1536), (96, 160)):
+    assert retention_ops._auto_impl(dk, dv) == "pallas"  # pylint: disable=protected-access
+  assert retention_ops._auto_impl(512, 2048) == "chunkwise"  # pylint: disable=protected-access
 
 
 def test_tpu_value_tiling_and_head_padding():

@@ -11,9 +11,19 @@ sequence with the tile in registers (float32), so no per-chunk state is ever wri
 A program whose tile spans the whole contraction dimension writes its output directly; when the
 value dimension is split into VG groups (large d_v), dq and dk are written as float32 partial sums
 over the groups and added in XLA. For wide heads (many value tiles) a pre-pass kernel computes the
-masked chunk products q k^T * D and do v^T * D once, instead of in every tile. Inside a tile, K and V are walked in power-of-two sub-blocks so
-that head dims such as 320 or 1536 need no padding. The tile's first grid axis varies fastest, so
-programs of one (batch, head) run together and share q/k/v/do reads through L2.
+masked chunk products q k^T * D and do v^T * D once, instead of in every tile. Inside a tile, K and
+V are walked in power-of-two sub-blocks so that head dims such as 320 or 1536 need no padding. The
+tile's first grid axis varies fastest, so programs of one (batch, head) run together and share
+q/k/v/do reads through L2.
+
+Shared memory (the limit on Hopper is 227 KiB per program): Triton's software pipeliner keeps
+num_stages copies of every tile the chunk loop loads for a matmul. The measured (128, 256) heads run
+3 stages; wide heads (whose [K, BV] tiles load q and k over all of d_k per chunk) run unpipelined
+(1 stage, `pipeline_stages`). An unpipelined loop holds its loads in registers, so there each
+sub-block's state update is traced right after its sub-block is read (`early`), and its q/k (or
+v/do) tiles die before the next sub-block loads; a pipelined loop keeps the measured order (all
+updates after the chunk's output). benchmarks/gpu_kernel_resources.py compiles the kernels for
+sm_90 without a GPU and prints their shared memory, registers and spills.
 """
 
 from __future__ import annotations
@@ -49,12 +59,14 @@ class Tiles:
   sub_k: int        # K sub-block inside a [K, BV] tile
   fwd_block_v: int  # BV of the forward tile [K, BV]
   fwd_warps: int
+  fwd_stages: int   # software-pipeline depth of the forward's chunk loop
   block_v: int      # BV of the dv tile [K, BV]
+  dv_stages: int
   block_k: int      # BK of the dq / dk tiles [BK, VG]
   group_v: int      # VG of the dq / dk tiles
   sub_v: int        # V sub-block inside a [BK, VG] tile
+  dqk_stages: int
   bwd_warps: int
-  num_stages: int
   precompute: bool  # masked q k^T and do v^T in a pre-pass instead of in every tile
 
 
@@ -69,10 +81,31 @@ _MIN_PROGRAMS = 128
 # would recompute q k^T over all of K): the paper heads (d_k 320-384, d_v 1280-1536; 40-48 tiles),
 # not the measured (128, 256) heads (4 tiles).
 _PRECOMPUTE_TILES = 8
+# Shared memory one program may use on an H100 / H200 (227 KiB; the Hopper opt-in maximum).
+SHARED_MEMORY_LIMIT = 232448
+# Largest padded head dims (d_k, d_v) whose kernels were compiled for sm_90 and checked by
+# benchmarks/gpu_kernel_resources.py: every kernel within the shared-memory limit for d_k in 16..384
+# and d_v in 32..1536 (bf16; register spills <= 320 B, as in the measured (128, 256) backward).
+MAX_HEAD_DIMS = (384, 1536)
 
 
-def choose_tiles(dk, dv, batch_heads=None, tuning=()):
-  """Tile sizes for head dims (dk, dv) and B*H sequences; `tuning` overrides (benchmarks)."""
+def pipeline_stages(widths, chunk, itemsize):
+  """num_stages of a chunk loop that loads [chunk, w] matmul operands, w in `widths`, per chunk.
+
+  Triton's software pipeliner keeps num_stages copies of each such tile in shared memory, about
+  num_stages * chunk * sum(widths) * itemsize bytes (the compiled kernels hold 0.8x-1.1x that, at
+  most 18 KB more; benchmarks/gpu_kernel_resources.py reads the real number). Three stages
+  (measured fastest at the (128, 256) heads) when they fit, else one: the paper heads' kernels load
+  q and k over all of d_k (or v and do over a 512-wide value group) per chunk; two stages would
+  hold 190-225 KB, one program per SM a few KB under the limit, while unpipelined they need
+  30-60 KB.
+  """
+  return _STAGES if _STAGES * chunk * sum(widths) * itemsize <= SHARED_MEMORY_LIMIT else 1
+
+
+def choose_tiles(dk, dv, batch_heads=None, tuning=(), chunk=64, itemsize=2):
+  """Tile sizes for head dims (dk, dv), B*H sequences, chunk length and input itemsize (bytes);
+  `tuning` overrides (benchmarks; "num_stages" sets all three kernels' pipeline depth)."""
   opts = dict(tuning)
   many = lambda n: batch_heads is None or n * batch_heads >= _MIN_PROGRAMS
   sub_k, sub_v = _pow2_divisor(dk), _pow2_divisor(dv)
@@ -101,12 +134,24 @@ def choose_tiles(dk, dv, batch_heads=None, tuning=()):
     block_k, group_v = block_k or best[0], group_v or best[1]
     while block_k > 32 and not many((dk // block_k) * (dv // group_v)):
       block_k //= 2
-  precompute = opts.get("precompute", dv // fwd_block_v >= _PRECOMPUTE_TILES)
-  return Tiles(sub_k=sub_k, fwd_block_v=fwd_block_v,
-               fwd_warps=opts.get("fwd_warps", _FWD_WARPS), block_v=block_v, block_k=block_k,
-               group_v=group_v, sub_v=min(sub_v, group_v),
-               bwd_warps=opts.get("bwd_warps", _BWD_WARPS),
-               num_stages=opts.get("num_stages", _STAGES), precompute=bool(precompute))
+  precompute = bool(opts.get("precompute", dv // fwd_block_v >= _PRECOMPUTE_TILES))
+
+  # Matmul operands each kernel loads per chunk: [C, width] tiles (plus the pre-pass's [C, C]).
+  pre = [chunk] if precompute else []
+  stages = lambda *widths: opts.get("num_stages") or pipeline_stages(
+      list(widths) + pre, chunk, itemsize)
+  return Tiles(sub_k=sub_k, fwd_block_v=fwd_block_v, fwd_warps=opts.get("fwd_warps", _FWD_WARPS),
+               fwd_stages=stages(dk, dk, fwd_block_v),            # q, k, v
+               block_v=block_v, dv_stages=stages(dk, dk, block_v),  # q, k, do
+               block_k=block_k, group_v=group_v, sub_v=min(sub_v, group_v),
+               dqk_stages=stages(block_k, group_v, group_v),      # k | q, v, do
+               bwd_warps=opts.get("bwd_warps", _BWD_WARPS), precompute=precompute)
+
+
+def supports(dk, dv):
+  """Whether the kernels were checked for head dims (dk, dv) (after padding; MAX_HEAD_DIMS)."""
+  dk, dv = padded_head_dims(dk, dv)
+  return dk <= MAX_HEAD_DIMS[0] and dv <= MAX_HEAD_DIMS[1]
 
 
 def _pow2_floor(n):
@@ -188,6 +233,7 @@ def _fwd_kernel(*refs, dims, tiles, has_seg, has_h0, has_pre):
    (o_ref, ht_ref)) = _unpack(refs, 7, has_seg, has_h0, has_pre)
   bv, sk = tiles.fwd_block_v, tiles.sub_k
   nk = dk // sk
+  early = tiles.fwd_stages == 1  # update each sub-block once read (module doc)
   vb, bh = pl.program_id(0), pl.program_id(1)
   b, h = bh // n_heads, bh % n_heads
   grow = bh if per_batch else h  # row of the gate arrays
@@ -204,22 +250,28 @@ def _fwd_kernel(*refs, dims, tiles, has_seg, has_h0, has_pre):
     ts = pl.ds(t0, c)
     d, fq, fk = _chunk_gates(gate_refs, grow, b, t0, c, need_d=not has_pre)
     v = v_ref[b, ts, h, vs]
+    factors = lambda: ((v * fk).astype(v.dtype), dec_ref[grow, ci])  # S_j <- dec S_j + k_j^T vk
+    vk, dec = factors() if early else (None, None)
     scores = jnp.zeros((c, c), jnp.float32)
     inter = jnp.zeros((c, bv), jnp.float32)
-    k_blocks = []
+    new_state, k_blocks = [], []
     for j in range(nk):
       qj = q_ref[b, ts, h, ks[j]]
       kj = k_ref[b, ts, h, ks[j]]
-      k_blocks.append(kj)
       if not has_pre:
         scores += rp.mm(qj, kj, tb=True)
       inter += rp.mm(qj, state[j].astype(qj.dtype))
+      if early:
+        new_state.append(dec * state[j] + rp.mm(kj, vk, ta=True))
+      else:
+        k_blocks.append(kj)
     scores = pre_ref[bh, ts, :] if has_pre else (scores * d).astype(v.dtype)
     o = rp.mm(scores, v) + fq * inter
     o_ref[b, ts, h, vs] = o.astype(o_ref.dtype)
-    vk = (v * fk).astype(v.dtype)
-    dec = dec_ref[grow, ci]
-    return tuple(dec * state[j] + rp.mm(k_blocks[j], vk, ta=True) for j in range(nk))
+    if not early:
+      vk, dec = factors()
+      new_state = [dec * state[j] + rp.mm(k_blocks[j], vk, ta=True) for j in range(nk)]
+    return tuple(new_state)
 
   state = lax.fori_loop(0, n_chunks, body, state)
   for j in range(nk):
@@ -241,6 +293,7 @@ def _dqk_kernel(*refs, dims, tiles, has_seg, has_h0, has_pre, which):
   ds0_ref = outs[2] if (not is_dq and has_h0) else None
   bk, gv, sv = tiles.block_k, tiles.group_v, tiles.sub_v
   ni = gv // sv
+  early = tiles.dqk_stages == 1  # update each sub-block once read (module doc)
   kb, vg, bh = pl.program_id(0), pl.program_id(1), pl.program_id(2)
   n_groups = dv // gv
   b, h = bh // n_heads, bh % n_heads
@@ -261,18 +314,23 @@ def _dqk_kernel(*refs, dims, tiles, has_seg, has_h0, has_pre, which):
     d, fq, fk = _chunk_gates(gate_refs, grow, b, t0, c, need_d=not has_pre)
     own = (q_ref if is_dq else k_ref)[b, ts, h, ks]      # q for q.dq, k for k.dk
     other = (k_ref if is_dq else q_ref)[b, ts, h, ks]    # k for dq, q for dk
+    # dq: S_i <- dec S_i + (k * fk)^T v_i;  dk: dS_i <- dec dS_i + (q * fq)^T do_i.
+    scale = lambda: (other * (fk if is_dq else fq)).astype(other.dtype)
+    scaled, dec = (scale(), dec_ref[grow, ci]) if early else (None, None)
     dp = jnp.zeros((c, c), jnp.float32)
     inter = jnp.zeros((c, bk), jnp.float32)
-    v_blocks, do_blocks = [], []
+    new_state, upd = [], []
     for i in range(ni):
       vi = v_ref[b, ts, h, vss[i]]
       doi = do_ref[b, ts, h, vss[i]]
-      v_blocks.append(vi)
-      do_blocks.append(doi)
       if not has_pre:
         dp += rp.mm(doi, vi, tb=True)
       # dq: do S^T (state before the chunk); dk: v dS^T (gradient at the chunk end).
       inter += rp.mm(doi if is_dq else vi, state[i].astype(vi.dtype), tb=True)
+      if early:
+        new_state.append(dec * state[i] + rp.mm(scaled, vi if is_dq else doi, ta=True))
+      else:
+        upd.append(vi if is_dq else doi)
     if has_pre:  # the pre-pass spans all of V: only the first value group adds it
       dpd = pre_ref[bh, ts, :]
       dpd = dpd if n_groups == 1 else jnp.where(vg == 0, dpd, jnp.zeros_like(dpd))
@@ -280,18 +338,18 @@ def _dqk_kernel(*refs, dims, tiles, has_seg, has_h0, has_pre, which):
       dpd = (dp * d).astype(other.dtype)
     if is_dq:
       grad = rp.mm(dpd, other) + fq * inter
-      scaled = (other * fk).astype(other.dtype)      # k * fk  -> S += k^T v
     else:
       grad = rp.mm(dpd, other, ta=True) + fk * inter
-      scaled = (other * fq).astype(other.dtype)      # q * fq  -> dS += q^T do
+    scaled = scaled if early else scale()
     if partial:
       grad_ref[vg, b, ts, h, ks] = grad
     else:
       grad_ref[b, ts, h, ks] = grad.astype(grad_ref.dtype)
     dot_ref[kb * n_groups + vg, bh, ts] = jnp.sum(own.astype(jnp.float32) * grad, axis=1)
-    upd = v_blocks if is_dq else do_blocks
-    dec = dec_ref[grow, ci]
-    return tuple(dec * state[i] + rp.mm(scaled, upd[i], ta=True) for i in range(ni))
+    if not early:
+      dec = dec_ref[grow, ci]
+      new_state = [dec * state[i] + rp.mm(scaled, upd[i], ta=True) for i in range(ni)]
+    return tuple(new_state)
 
   state = lax.fori_loop(0, n_chunks, body, state)
   if ds0_ref is not None:
@@ -310,6 +368,7 @@ def _dv_kernel(*refs, dims, tiles, has_seg, has_pre):
   q_ref, k_ref, do_ref, cum_ref, lfq_ref, lfk_ref, dec_ref = ins
   bv, sk = tiles.block_v, tiles.sub_k
   nk = dk // sk
+  early = tiles.dv_stages == 1  # update each sub-block once read (module doc)
   vb, bh = pl.program_id(0), pl.program_id(1)
   b, h = bh // n_heads, bh % n_heads
   grow = bh if per_batch else h  # row of the gate arrays
@@ -324,22 +383,28 @@ def _dv_kernel(*refs, dims, tiles, has_seg, has_pre):
     ts = pl.ds(t0, c)
     d, fq, fk = _chunk_gates(gate_refs, grow, b, t0, c, need_d=not has_pre)
     do = do_ref[b, ts, h, vs]
+    factors = lambda: ((do * fq).astype(do.dtype), dec_ref[grow, ci])  # dS_j += q_j^T dos
+    dos, dec = factors() if early else (None, None)
     scores = jnp.zeros((c, c), jnp.float32)
     inter = jnp.zeros((c, bv), jnp.float32)
-    q_blocks = []
+    new_state, q_blocks = [], []
     for j in range(nk):
       qj = q_ref[b, ts, h, ks[j]]
       kj = k_ref[b, ts, h, ks[j]]
-      q_blocks.append(qj)
       if not has_pre:
         scores += rp.mm(qj, kj, tb=True)
       inter += rp.mm(kj, state[j].astype(kj.dtype))
+      if early:
+        new_state.append(dec * state[j] + rp.mm(qj, dos, ta=True))
+      else:
+        q_blocks.append(qj)
     scores = pre_ref[bh, ts, :] if has_pre else (scores * d).astype(do.dtype)
     dv = rp.mm(scores, do, ta=True) + fk * inter
     dv_ref[b, ts, h, vs] = dv.astype(dv_ref.dtype)
-    dos = (do * fq).astype(do.dtype)
-    dec = dec_ref[grow, ci]
-    return tuple(dec * state[j] + rp.mm(q_blocks[j], dos, ta=True) for j in range(nk))
+    if not early:
+      dos, dec = factors()
+      new_state = [dec * state[j] + rp.mm(q_blocks[j], dos, ta=True) for j in range(nk)]
+    return tuple(new_state)
 
   lax.fori_loop(0, n_chunks, body, state)
 
@@ -361,10 +426,15 @@ def _call(kernel, grid, out_shape, num_warps, num_stages, interpret, name):
       compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages))
 
 
+def _tiles(q, v, cfg):
+  b, _, h, dk = q.shape
+  return choose_tiles(dk, v.shape[-1], b * h, cfg.tuning, cfg.chunk, q.dtype.itemsize)
+
+
 def forward(q, k, v, gates, h0, cfg):
   b, t, h, dk = q.shape
   dv = v.shape[-1]
-  tiles = choose_tiles(dk, dv, b * h, cfg.tuning)
+  tiles = _tiles(q, v, cfg)
   dims = (h, t // cfg.chunk, cfg.chunk, dk, dv, gates.cum.shape[0] > 1)
   has_seg, has_h0 = gates.seg is not None, h0 is not None
   args = [q, k, v] + _gate_args(gates)
@@ -377,13 +447,13 @@ def forward(q, k, v, gates, h0, cfg):
   out_shape = (rp.out_struct((b, t, h, dv), v.dtype, q),
                rp.out_struct((b, h, dk, dv), jnp.float32, q))
   return _call(kernel, (dv // tiles.fwd_block_v, b * h), out_shape, tiles.fwd_warps,
-               tiles.num_stages, cfg.interpret, "retention_fwd")(*args)
+               tiles.fwd_stages, cfg.interpret, "retention_fwd")(*args)
 
 
 def backward(q, k, v, do, gates, h0, dht, cfg):
   b, t, h, dk = q.shape
   dv = v.shape[-1]
-  tiles = choose_tiles(dk, dv, b * h, cfg.tuning)
+  tiles = _tiles(q, v, cfg)
   dims = (h, t // cfg.chunk, cfg.chunk, dk, dv, gates.cum.shape[0] > 1)
   has_seg, has_h0, pre = gates.seg is not None, h0 is not None, tiles.precompute
   common = [*_gate_args(gates)] + ([gates.seg] if has_seg else [])
@@ -392,14 +462,14 @@ def backward(q, k, v, do, gates, h0, dht, cfg):
   grad_shape = lambda x: (rp.out_struct((n_g, b, t, h, dk), jnp.float32, q) if n_g > 1
                           else rp.out_struct((b, t, h, dk), x.dtype, q))
   dot_shape = rp.out_struct((n_k * n_g, b * h, t), jnp.float32, q)
-  call = lambda kern, grid, out_shape, name: _call(
-      kern, grid, out_shape, tiles.bwd_warps, tiles.num_stages, cfg.interpret, name)
+  call = lambda kern, grid, out_shape, stages, name: _call(
+      kern, grid, out_shape, tiles.bwd_warps, stages, cfg.interpret, name)
   dpd = [_masked_products(do, v, gates, dims, has_seg, tiles.sub_v, cfg.interpret)] if pre else []
   scores = [_masked_products(q, k, gates, dims, has_seg, tiles.sub_k, cfg.interpret)] if pre else []
 
   kern = functools.partial(_dqk_kernel, dims=dims, tiles=tiles, has_seg=has_seg, has_h0=has_h0,
                            has_pre=pre, which="dq")
-  dq, qdq = call(kern, grid_qk, (grad_shape(q), dot_shape), "retention_bwd_dq")(
+  dq, qdq = call(kern, grid_qk, (grad_shape(q), dot_shape), tiles.dqk_stages, "retention_bwd_dq")(
       q, k, v, do, *common, *([h0] if has_h0 else []), *dpd)
 
   kern = functools.partial(_dqk_kernel, dims=dims, tiles=tiles, has_seg=has_seg, has_h0=has_h0,
@@ -407,13 +477,14 @@ def backward(q, k, v, do, gates, h0, dht, cfg):
   out_shape = (grad_shape(k), dot_shape)
   if has_h0:
     out_shape += (rp.out_struct((b, h, dk, dv), jnp.float32, q),)
-  outs = call(kern, grid_qk, out_shape, "retention_bwd_dk")(q, k, v, do, *common, dht, *dpd)
+  outs = call(kern, grid_qk, out_shape, tiles.dqk_stages, "retention_bwd_dk")(
+      q, k, v, do, *common, dht, *dpd)
   dk_, kdk = outs[0], outs[1]
   dh0 = outs[2] if has_h0 else None
 
   kern = functools.partial(_dv_kernel, dims=dims, tiles=tiles, has_seg=has_seg, has_pre=pre)
   dv_ = call(kern, (dv // tiles.block_v, b * h), rp.out_struct(v.shape, v.dtype, q),
-             "retention_bwd_dv")(q, k, do, *common, dht, *scores)
+             tiles.dv_stages, "retention_bwd_dv")(q, k, do, *common, dht, *scores)
 
   if n_g > 1:
     dq, dk_ = dq.sum(0).astype(q.dtype), dk_.sum(0).astype(k.dtype)
