@@ -193,13 +193,19 @@ def bench_retention(quick=False):
       return fwd, jax.jit(fb)
 
     variants = dict(RETENTION_VARIANTS)
-    # The other side of the chunk-product pre-pass switch at this shape.
-    flip = not choose_tiles(dk, dv, b * h).precompute
-    variants[f"precompute_{'on' if flip else 'off'}"] = dict(tuning=(("precompute", flip),))
+    # Run at every shape: the other side of the chunk-product pre-pass switch, and where the
+    # default is unpipelined (wide heads: 1 stage, see retention_pallas_gpu.pipeline_stages),
+    # 2 stages (about 190-225 KB of shared memory, close to the 227 KiB limit).
+    tiles = choose_tiles(dk, dv, b * h)
+    flip = not tiles.precompute
+    shape_variants = {f"precompute_{'on' if flip else 'off'}": dict(tuning=(("precompute", flip),))}
+    if tiles.fwd_stages == 1:
+      shape_variants["stages2_wide"] = dict(tuning=(("num_stages", 2),))
+    variants.update(shape_variants)
     impls = {}
     for vname, var in variants.items():
       if vname != "default" and (quick or (si > 0 and vname not in RETENTION_VARIANTS_ALL_SHAPES
-                                           and not vname.startswith("precompute"))):
+                                           and vname not in shape_variants)):
         continue
       impls[f"pallas/{vname}"] = jax_fns(
           lambda q, k, v, ld, var=var: retention_pallas(

@@ -16,8 +16,9 @@ Implementations:
                "xla" is an alias.
   "pallas"     fused Pallas kernel (dense_ssm/ops/retention_pallas.py), TPU and GPU.
                "pallas_interpret" runs it in the Pallas interpreter (any platform; for tests).
-  "auto"       pallas on TPU, and on GPU for the head sizes it was measured at (d_k * d_v <=
-               128 * 256); chunkwise otherwise (CPU, wide heads on GPU).
+  "auto"       pallas on TPU, and on GPU for the head dims its kernels were checked at (up to the
+               paper's d_k 384, d_v 1536: retention_pallas_gpu.supports); chunkwise otherwise
+               (CPU, wider heads on GPU).
 
 The SPEC section 4 reference-exact *normalised* parallel form used by DenseRetNet's parallel mode
 is `retention_parallel_normalized`; the layer applies the closed-form row factor otherwise.
@@ -243,17 +244,21 @@ def retention(q, k, v, log_decay, *, initial_state=None, segment_ids=None, impl=
   raise ValueError(f"retention impl={impl!r} is unknown; use one of {IMPLS}.")
 
 
-# Head sizes (d_k * d_v) the GPU kernel's tiles were measured at on the H200 (benchmarks/RESULTS.md);
-# the paper's wide heads (320 x 1280, 384 x 1536) exceed its shared-memory budget there.
-_GPU_KERNEL_MAX_HEAD = 128 * 256
-
-
 def _auto_impl(dk: int, dv: int) -> str:
-  """The Pallas kernel on TPU, and on GPU for the head sizes it is tuned for; else chunkwise."""
+  """The Pallas kernel on TPU, and on GPU for the head dims it was checked at; else chunkwise.
+
+  GPU: the kernels compile within the H100/H200 shared-memory limit up to the paper's widest heads
+  (d_k 384, d_v 1536; checked without a GPU by benchmarks/gpu_kernel_resources.py). Timed on the
+  H200 at the (128, 256) and (128, 128) heads only (benchmarks/RESULTS.md).
+  """
   from dense_ssm.ops.dispatch import accelerator  # pylint: disable=g-import-not-at-top
   kind = accelerator()
-  if kind == "tpu" or (kind == "gpu" and dk * dv <= _GPU_KERNEL_MAX_HEAD):
+  if kind == "tpu":
     return "pallas"
+  if kind == "gpu":
+    from dense_ssm.ops import retention_pallas_gpu  # pylint: disable=g-import-not-at-top
+    if retention_pallas_gpu.supports(dk, dv):
+      return "pallas"
   return "chunkwise"
 
 
