@@ -150,8 +150,9 @@ def _retention_check_features():
   return rows
 
 
-def bench_retention(quick=False):
-  """Retention rows: ours (Pallas), XLA chunkwise, fla chunk_retention; fwd and fwd+bwd."""
+def bench_retention(quick=False, shapes=None):
+  """Retention rows: ours (Pallas), XLA chunkwise, fla chunk_retention; fwd and fwd+bwd.
+  `shapes`: indices into RETENTION_SHAPES (default all; --quick: the first)."""
   from dense_ssm.ops import retention, retnet_log_decay  # pylint: disable=g-import-not-at-top
   from dense_ssm.ops.retention_pallas import retention_pallas  # pylint: disable=g-import-not-at-top
   from dense_ssm.ops.retention_pallas_gpu import choose_tiles  # pylint: disable=g-import-not-at-top
@@ -163,10 +164,12 @@ def bench_retention(quick=False):
     chunk_retention = None
 
   rows = _try("features check", _retention_check_features, []) or []
-  shapes = RETENTION_SHAPES[:1] if quick else RETENTION_SHAPES
+  if shapes is None:
+    shapes = [0] if quick else range(len(RETENTION_SHAPES))
+  selected = [(i, RETENTION_SHAPES[i]) for i in shapes]
   if SMOKE:
-    shapes = [(2, 128, 2, 64, 128)]
-  for si, (b, t, h, dk, dv) in enumerate(shapes):
+    selected = [(0, (2, 128, 2, 64, 128))]
+  for si, (b, t, h, dk, dv) in selected:
     name = f"B{b} T{t} H{h} K{dk} V{dv}"
     print(f"retention {name}", flush=True)
     log_decay = retnet_log_decay(h)
@@ -294,13 +297,16 @@ def main():
   parser.add_argument("--ops", default=",".join(OPS))
   parser.add_argument("--quick", action="store_true", help="first shape, default config only")
   parser.add_argument("--smoke", action="store_true", help="tiny shapes, Pallas interpreter (CPU)")
+  parser.add_argument("--shapes", default="",
+                      help="comma-separated indices into RETENTION_SHAPES, in the order to run")
   args = parser.parse_args()
   global SMOKE
   SMOKE = args.smoke
   print(f"jax {jax.__version__}, devices {jax.devices()}", flush=True)
   rows = []
   for op in args.ops.split(","):
-    rows += OPS[op](quick=args.quick)
+    shapes = [int(i) for i in args.shapes.split(",")] if args.shapes else None
+    rows += OPS[op](quick=args.quick, shapes=shapes)
   print_table(rows)
   os.makedirs(args.out, exist_ok=True)
   meta = dict(date=time.strftime("%Y-%m-%d %H:%M:%S"), jax=jax.__version__,
