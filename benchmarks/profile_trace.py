@@ -11,9 +11,9 @@ From a benchmark (`--profile` in train_throughput.py and decode.py):
 The trace is the Perfetto JSON that `jax.profiler.trace(create_perfetto_trace=True)` writes (open
 it at ui.perfetto.dev). The summary reads the device lanes only (processes named /device:GPU:* or
 /device:TPU:*) and reports: the span from the first to the last device event, the busy time
-(union of kernel intervals), hence the idle share (launch gaps, host round trips), and the ops
-that take the time, grouped by XLA op name where the trace gives one (else the kernel name), with
-a coarse kind (matmul / Pallas kernel / copy / other fusion).
+(union of kernel intervals), hence the idle share (launch gaps, host round trips), and the
+kernels that take the time, grouped by kernel name, with a coarse kind (matmul / Pallas kernel /
+copy / other fusion).
 """
 
 from __future__ import annotations
@@ -85,9 +85,8 @@ def summarize(path: str, top: int = 25) -> dict:
   by_op = collections.defaultdict(lambda: [0.0, 0])
   by_kind = collections.defaultdict(float)
   for e in kernels:
-    args = e.get("args", {})
-    label = str(args.get("hlo_op") or args.get("long_name") or e["name"])
-    kind = kind_of(f"{e['name']} {label}")
+    label = e["name"]  # the kernel (XLA groups ops into command buffers, so hlo_op says little)
+    kind = kind_of(label)
     by_op[(label, kind)][0] += e["dur"]
     by_op[(label, kind)][1] += 1
     by_kind[kind] += e["dur"]

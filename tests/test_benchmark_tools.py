@@ -34,7 +34,7 @@ def test_summary_counts_busy_idle_and_ops(tmp_path):
   s = mod.summarize(str(path))
   assert s["span_us"] == 40 and s["busy_us"] == 30 and s["kernels"] == 4
   assert s["idle_share"] == pytest.approx(0.25)
-  assert s["top_ops"][0] == {"op": "dot.1", "kind": "matmul", "us": 20, "count": 2,
+  assert s["top_ops"][0] == {"op": "sm90_xmma_gemm_bf16", "kind": "matmul", "us": 20, "count": 2,
                              "share": pytest.approx(20 / 35)}
   assert s["by_kind_us"] == {"matmul": 20, "pallas": 10, "other": 5}
   assert "idle 25%" in mod.format_summary(s)

@@ -95,12 +95,15 @@ def pipeline_stages(widths, chunk, itemsize):
   Triton's software pipeliner keeps num_stages copies of each such tile in shared memory, about
   num_stages * chunk * sum(widths) * itemsize bytes (the compiled kernels hold 0.8x-1.1x that, at
   most 18 KB more; benchmarks/gpu_kernel_resources.py reads the real number). Three stages
-  (measured fastest at the (128, 256) heads) when they fit, else one: the paper heads' kernels load
-  q and k over all of d_k (or v and do over a 512-wide value group) per chunk; two stages would
-  hold 190-225 KB, one program per SM a few KB under the limit, while unpipelined they need
-  30-60 KB.
+  (measured fastest at the (128, 256) heads) when they fit; else two when they fit with a 15%
+  margin (at the 1.3B heads, 320 x 1280, two stages ran the fwd+bwd in 4.05 ms against 4.81 ms
+  unpipelined on the H200, benchmarks/RESULTS.md); else one (the 350M heads' kernels load q and k
+  over all of d_k, or v and do over a 512-wide value group, per chunk: 220-290 KB at two stages).
   """
-  return _STAGES if _STAGES * chunk * sum(widths) * itemsize <= SHARED_MEMORY_LIMIT else 1
+  need = chunk * sum(widths) * itemsize
+  if _STAGES * need <= SHARED_MEMORY_LIMIT:
+    return _STAGES
+  return 2 if 2 * need <= 0.85 * SHARED_MEMORY_LIMIT else 1
 
 
 def choose_tiles(dk, dv, batch_heads=None, tuning=(), chunk=64, itemsize=2):
