@@ -48,15 +48,15 @@ from dense_ssm.models import ModelConfig, build_model, count_params, init_cache 
 
 
 def model_configs(tiny: bool) -> dict[str, ModelConfig]:
-  llama = config_lib.model_defaults(family="transformer", num_layers=24, hidden_size=2048,
-                                    num_heads=16, ffn_dim=5504, ffn_act="swiglu",
-                                    tie_embeddings=False, max_len=40960, dense={"layers": 0})
-  dicts = {"DenseRetNet-1.3B": config_lib.retnet_config("1b3").model,
-           "DenseMamba-1.3B": config_lib.mamba_config("1b3").model,
+  llama = config_lib.model_dict(family="transformer", num_layers=24, hidden_size=2048,
+                                num_heads=16, ffn_dim=5504, ffn_act="swiglu",
+                                tie_embeddings=False, max_len=40960, dense={"layers": 0})
+  dicts = {"DenseRetNet-1.3B": config_lib.retnet_model("1b3"),
+           "DenseMamba-1.3B": config_lib.mamba_model("1b3"),
            "LLaMA-1.3B": llama}
   out = {}
   for name, d in dicts.items():
-    cfg = ModelConfig.from_dict(d.to_dict())
+    cfg = ModelConfig.from_dict(d)
     # impl=xla: the (untimed) prefill of the SSM carries needs no kernel.
     cfg = dataclasses.replace(cfg, dtype="bfloat16", param_dtype="bfloat16", dropout=0.0,
                               impl="xla")

@@ -1,28 +1,40 @@
 """Config-as-code base shared by every file in configs/ (big_vision / lm1b style).
 
 Each config file calls `base_config()` and overrides what differs. ml_collections is
-imported here, never from model code.
+imported here (lazily), never from model code: the plain-dict model sections (`model_dict`,
+`retnet_model`, `mamba_model`) need only the standard library, so benchmarks that build the
+paper's models run where ml_collections is not installed.
 """
 
 from __future__ import annotations
 
-
-import ml_collections
+from typing import TYPE_CHECKING
 
 from dense_ssm.models.config import ModelConfig
 
+if TYPE_CHECKING:
+  import ml_collections
 
-def model_defaults(**overrides) -> ml_collections.ConfigDict:
-  """The model section: every ModelConfig field with its default, then `overrides`."""
+
+def model_dict(**overrides) -> dict:
+  """The model section as a plain dict: every ModelConfig field with its default, then
+  `overrides` (`dense` is merged key by key)."""
   d = ModelConfig().to_dict()
   dense = d.pop("dense")
   dense.update(overrides.pop("dense", {}))
   d.update(overrides)
   d["dense"] = dense
-  return ml_collections.ConfigDict(d)
+  return d
+
+
+def model_defaults(**overrides) -> ml_collections.ConfigDict:
+  """`model_dict(**overrides)` as a ConfigDict (the `model` section of a config file)."""
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  return ml_collections.ConfigDict(model_dict(**overrides))
 
 
 def base_config() -> ml_collections.ConfigDict:
+  import ml_collections  # pylint: disable=g-import-not-at-top
   c = ml_collections.ConfigDict()
   c.model = model_defaults()
 
@@ -79,7 +91,8 @@ def check_model_config(c: ml_collections.ConfigDict) -> ModelConfig:
   return ModelConfig.from_dict(c.model.to_dict())
 
 
-__all__ = ["base_config", "model_defaults", "check_model_config"]
+__all__ = ["base_config", "model_defaults", "model_dict", "check_model_config", "retnet_model",
+           "mamba_model", "retnet_config", "mamba_config", "transformer_config"]
 
 
 # --- Paper models (SPEC section 8). Each configs/*.py file picks one row and a variant. ---
@@ -103,7 +116,7 @@ MAMBA_SIZES = {"360m": (50, 1024), "1b3": (50, 2048)}  # (layers, hidden)
 DENSE_RATIOS = {"350m": (8, 32), "1b3": (16, 8)}  # released checkpoints' (r_k, r_v)
 
 
-def paper_recipe(c: ml_collections.ConfigDict, *, lr: float, b2: float, dropout: float):
+def paper_recipe(c: ml_collections.ConfigDict, *, lr: float, b2: float):
   """SPEC section 8: AdamW, wd 0.01, clip 1.0, 1.5% warm-up then linear decay, seq 2048,
   0.5M-token batches, 15B tokens. The paper's corpus is not bundled: data.source is left empty,
   and the trainer says so and falls back to the embedded data."""
@@ -118,11 +131,14 @@ def paper_recipe(c: ml_collections.ConfigDict, *, lr: float, b2: float, dropout:
   c.train.warmup_fraction = 0.015
   c.train.eval_every = 1000
   c.train.checkpoint_every = 1000
-  c.model.dropout = dropout
-  c.model.max_len = PAPER_SEQ_LEN
-  c.model.dtype = "bfloat16"
-  c.model.param_dtype = "float32"
   return c
+
+
+def paper_model(d: dict, *, dropout: float) -> dict:
+  """The paper recipe's model fields (SPEC section 8): dropout, 2048 positions, bf16 compute
+  with float32 params."""
+  d.update(dropout=dropout, max_len=PAPER_SEQ_LEN, dtype="bfloat16", param_dtype="float32")
+  return d
 
 
 def _parse_variant(arg, allowed, default):
@@ -133,40 +149,49 @@ def _parse_variant(arg, allowed, default):
   return variant
 
 
+def retnet_model(size: str, variant: str = "dense") -> dict:
+  """The model section of `retnet_config(size, variant)` as a plain dict."""
+  if variant == "ffn":
+    layers, hidden, heads, ffn = RETNET_FFN_SIZES[size]
+    d = model_dict(family="retnet_ffn", num_layers=layers, hidden_size=hidden, qk_dim=hidden,
+                   num_heads=heads, ffn_dim=ffn, ffn_act="gelu", dense={"layers": 0})
+  else:
+    layers, hidden, qk, heads = RETNET_SIZES[size]
+    r_k, r_v = DENSE_RATIOS[size] if variant == "released" else (32, 32)
+    d = model_dict(family="dense_retnet", num_layers=layers, hidden_size=hidden, qk_dim=qk,
+                   num_heads=heads, dense={"layers": 0 if variant == "gau" else 2, "r_k": r_k,
+                                           "r_v": r_v})
+  d["chunk_size"] = 128
+  return paper_model(d, dropout=0.1)
+
+
+def mamba_model(size: str, variant: str = "dense") -> dict:
+  """The model section of `mamba_config(size, variant)` as a plain dict."""
+  layers, hidden = MAMBA_SIZES[size]
+  return paper_model(model_dict(
+      family="mamba", num_layers=layers, hidden_size=hidden, state_dim=16, expand=2,
+      conv_width=4, tie_embeddings=True,
+      dense={"layers": 0 if variant == "plain" else 4,
+             "mamba_level": "state" if variant == "state" else "input"}), dropout=0.0)
+
+
 def retnet_config(size: str, arg: str | None = None) -> ml_collections.ConfigDict:
   """Variants: dense (DenseRetNet, m=2, the reference code's r_k = r_v = 32; SPEC section 5
   counts), gau (the m=0 GAU baseline), ffn (RetNet with FFN), released (the released
   checkpoints' (r_k, r_v): (8, 32) at 350M, (16, 8) at 1.3B)."""
   variant = _parse_variant(arg, {"dense", "gau", "ffn", "released"}, "dense")
   c = base_config()
-  if variant == "ffn":
-    layers, hidden, heads, ffn = RETNET_FFN_SIZES[size]
-    c.model = model_defaults(family="retnet_ffn", num_layers=layers, hidden_size=hidden,
-                             qk_dim=hidden, num_heads=heads, ffn_dim=ffn, ffn_act="gelu",
-                             dense={"layers": 0})
-  else:
-    layers, hidden, qk, heads = RETNET_SIZES[size]
-    r_k, r_v = DENSE_RATIOS[size] if variant == "released" else (32, 32)
-    c.model = model_defaults(family="dense_retnet", num_layers=layers, hidden_size=hidden,
-                             qk_dim=qk, num_heads=heads,
-                             dense={"layers": 0 if variant == "gau" else 2, "r_k": r_k,
-                                    "r_v": r_v})
-  c.model.chunk_size = 128
-  return paper_recipe(c, lr=6e-4, b2=0.98, dropout=0.1)
+  c.model = model_defaults(**retnet_model(size, variant))
+  return paper_recipe(c, lr=6e-4, b2=0.98)
 
 
 def mamba_config(size: str, arg: str | None = None) -> ml_collections.ConfigDict:
   """Variants: dense (DenseMamba, input-level fusion of x and B, m=4), plain (Mamba),
   state (DenseMamba with the literal state-level readout)."""
   variant = _parse_variant(arg, {"dense", "plain", "state"}, "dense")
-  layers, hidden = MAMBA_SIZES[size]
   c = base_config()
-  c.model = model_defaults(
-      family="mamba", num_layers=layers, hidden_size=hidden, state_dim=16, expand=2,
-      conv_width=4, tie_embeddings=True,
-      dense={"layers": 0 if variant == "plain" else 4,
-             "mamba_level": "state" if variant == "state" else "input"})
-  return paper_recipe(c, lr=3e-4 if size == "360m" else 2e-4, b2=0.95, dropout=0.0)
+  c.model = model_defaults(**mamba_model(size, variant))
+  return paper_recipe(c, lr=3e-4 if size == "360m" else 2e-4, b2=0.95)
 
 
 def transformer_config(kind: str) -> ml_collections.ConfigDict:
@@ -176,13 +201,14 @@ def transformer_config(kind: str) -> ml_collections.ConfigDict:
   """
   c = base_config()
   if kind == "llama_350m":
-    c.model = model_defaults(family="transformer", num_layers=18, hidden_size=1024, num_heads=8,
-                             ffn_dim=4096, ffn_act="swiglu", tie_embeddings=True,
-                             dense={"layers": 0})
-    return paper_recipe(c, lr=6e-4, b2=0.98, dropout=0.0)
+    c.model = model_defaults(**paper_model(model_dict(
+        family="transformer", num_layers=18, hidden_size=1024, num_heads=8, ffn_dim=4096,
+        ffn_act="swiglu", tie_embeddings=True, dense={"layers": 0}), dropout=0.0))
+    return paper_recipe(c, lr=6e-4, b2=0.98)
   if kind == "opt_1b3":
-    c.model = model_defaults(family="transformer", num_layers=24, hidden_size=2048, num_heads=32,
-                             ffn_dim=8192, ffn_act="relu", norm_type="layer", pos_emb="learned",
-                             use_bias=True, tie_embeddings=True, dense={"layers": 0})
-    return paper_recipe(c, lr=2e-4, b2=0.98, dropout=0.1)
+    c.model = model_defaults(**paper_model(model_dict(
+        family="transformer", num_layers=24, hidden_size=2048, num_heads=32, ffn_dim=8192,
+        ffn_act="relu", norm_type="layer", pos_emb="learned", use_bias=True,
+        tie_embeddings=True, dense={"layers": 0}), dropout=0.1))
+    return paper_recipe(c, lr=2e-4, b2=0.98)
   raise ValueError(f"unknown transformer baseline {kind!r}; use llama_350m or opt_1b3.")
