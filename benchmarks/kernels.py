@@ -1,6 +1,6 @@
 """GPU kernel benchmarks, one function per op (`OPS`); run on a GPU machine:
 
-    python benchmarks/kernels.py --out DIR [--ops retention] [--quick]
+    python benchmarks/kernels.py --out DIR [--ops retention,selective_scan] [--quick] [--shapes 0,2]
 
 Each op function checks correctness against a float32 reference first, then times fwd and fwd+bwd
 (median over many repetitions after warm-up, inputs rotated over fresh random sets) and returns
@@ -10,6 +10,8 @@ A table is printed last and all rows are written to DIR/kernels.json.
 
 Retention anchor: flash-linear-attention's `chunk_retention` (fla-core; layout [B,T,H,D],
 scale=1.0, the same RetNet decays); compared with our Pallas kernel and the XLA chunkwise form.
+Selective-scan anchor: the associative scan (`selective_scan(impl="associative")`); the sweep of
+kernel configurations lives in kernels_scan.py.
 """
 
 from __future__ import annotations
@@ -166,7 +168,7 @@ def bench_retention(quick=False, shapes=None):
   rows = _try("features check", _retention_check_features, []) or []
   if shapes is None:
     shapes = [0] if quick else range(len(RETENTION_SHAPES))
-  selected = [(i, RETENTION_SHAPES[i]) for i in shapes]
+  selected = [(i, RETENTION_SHAPES[i]) for i in shapes if i < len(RETENTION_SHAPES)]
   if SMOKE:
     selected = [(0, (2, 128, 2, 64, 128))]
   for si, (b, t, h, dk, dv) in selected:
@@ -274,12 +276,49 @@ def bench_retention(quick=False, shapes=None):
 # Driver.
 # ----------------------------------------------------------------------------------------------
 
-OPS = {"retention": bench_retention}
+def bench_selective_scan(quick=False, shapes=None):
+  """Selective-scan rows: ours (Pallas) vs the associative scan (the anchor), through
+  kernels_scan.py's correctness check and timing; errors are y and dx against float32."""
+  import kernels_scan  # pylint: disable=g-import-not-at-top
+  key = jax.random.PRNGKey(0)
+  kw = {"interpret": True} if SMOKE else {}
+  errs = kernels_scan.check(kw, jnp.bfloat16, key, (2, 40, 24, 4) if SMOKE else (2, 1000, 256, 16))
+  print(f"  selective scan check bf16: {errs}", flush=True)
+  if shapes is None:
+    shapes = [0] if quick else range(len(kernels_scan.SHAPES))
+  selected = ([(2, 64, 32, 4)] if SMOKE else
+              [kernels_scan.SHAPES[i] for i in shapes if i < len(kernels_scan.SHAPES)])
+  ours = lambda **a: kernels_scan.selective_scan_pallas(
+      **{("A" if k == "a" else k): v for k, v in a.items()}, **kw)
+  rows = []
+  for shape in selected:
+    got = kernels_scan.bench_shape(shape, jnp.bfloat16, [("pallas", ours),
+                                                        ("associative", kernels_scan.associative_scan)],
+                                   key, reps=5 if SMOKE else 20)
+    by = {(r["impl"], r["mode"]): r for r in got if "ms" in r}
+    anchor = {m: by.get(("associative", m)) for m in ("fwd", "fwd+bwd")}
+    for impl in ("pallas", "associative"):
+      f, fb = by.get((impl, "fwd")), by.get((impl, "fwd+bwd"))
+      if not (f and fb):
+        continue
+      ratio = lambda r, m: r["ms"] / anchor[m]["ms"] if anchor[m] else None  # pylint: disable=cell-var-from-loop
+      rows.append(dict(
+          op="selective_scan", shape="B{} T{} D{} N{}".format(*shape), impl=impl,
+          ms_fwd=f["ms"], ms_fwd_bwd=fb["ms"], ratio_fwd=ratio(f, "fwd"),
+          ratio_fwd_bwd=ratio(fb, "fwd+bwd"), floor_ms_fwd=f["floor_ms"],
+          floor_ms_fwd_bwd=fb["floor_ms"], floor_share_fwd=f["share_of_floor"],
+          floor_share_fwd_bwd=fb["share_of_floor"],
+          err_o=errs["y"] if impl == "pallas" else 0.0,
+          err_dq=errs["dx"] if impl == "pallas" else 0.0))
+  return rows
+
+
+OPS = {"retention": bench_retention, "selective_scan": bench_selective_scan}
 
 
 def print_table(rows):
   print("\n| op | shape | impl | fwd ms | fwd+bwd ms | x anchor (fwd, f+b) | floor share (fwd, f+b) "
-        "| rel err o / dq |")
+        "| rel err out / first input grad |")
   print("|---|---|---|---|---|---|---|---|")
   for r in rows:
     if "impl" not in r:
@@ -298,7 +337,8 @@ def main():
   parser.add_argument("--quick", action="store_true", help="first shape, default config only")
   parser.add_argument("--smoke", action="store_true", help="tiny shapes, Pallas interpreter (CPU)")
   parser.add_argument("--shapes", default="",
-                      help="comma-separated indices into RETENTION_SHAPES, in the order to run")
+                      help="comma-separated indices into each op's shape list, in the order to "
+                           "run (indices past an op's list are skipped)")
   args = parser.parse_args()
   global SMOKE
   SMOKE = args.smoke
