@@ -41,6 +41,7 @@ import jax.numpy as jnp
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench_timing  # pylint: disable=g-import-not-at-top,wrong-import-position
 import profile_trace  # pylint: disable=g-import-not-at-top,wrong-import-position
 from dense_ssm import config_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
 from dense_ssm import generate as gen  # pylint: disable=wrong-import-position
@@ -88,25 +89,13 @@ def tree_bytes(tree) -> int:
 
 
 def random_params(model, seed: int = 0):
-  """Params of the model's shapes, N(0, 0.02^2) (norm scales 1), filled leaf by leaf.
-
-  The decode speed does not depend on the values, and `jax.jit(model.init)` of a 1.3B model took
-  75-103 s to compile on the H200 (its random-number programs); this compiles one small fill per
-  distinct shape."""
+  """Params of the model's shapes: N(0, 0.02^2), norm scales 1 (bench_timing.fill_tree)."""
   shapes = jax.eval_shape(lambda k: model.init(k, jnp.zeros((1, 8), jnp.int32))["params"],
                           jax.random.PRNGKey(seed))
   shapes = jax.tree.map(lambda a: getattr(a, "value", a), shapes,
                         is_leaf=lambda a: hasattr(a, "value"))
-  fill = jax.jit(lambda k, shape, dtype: (0.02 * jax.random.normal(k, shape)).astype(dtype),
-                 static_argnums=(1, 2))
-  leaves, treedef = jax.tree.flatten_with_path(shapes)
-  out = []
-  for i, (path, a) in enumerate(leaves):
-    if "scale" in jax.tree_util.keystr(path):
-      out.append(jnp.ones(a.shape, a.dtype))
-    else:
-      out.append(fill(jax.random.fold_in(jax.random.PRNGKey(seed), i), a.shape, a.dtype))
-  return jax.tree.unflatten(treedef, out)
+  return bench_timing.fill_tree(shapes, lambda path, _: "ones" if "scale" in path else "normal",
+                                seed)
 
 
 class Runner:

@@ -40,6 +40,7 @@ import numpy as np  # pylint: disable=g-import-not-at-top
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench_timing  # pylint: disable=g-import-not-at-top,wrong-import-position
 import profile_trace  # pylint: disable=g-import-not-at-top,wrong-import-position
 from dense_ssm import models, optim, sharding, train_log, train_step  # pylint: disable=wrong-import-position
 
@@ -101,22 +102,11 @@ def compile_step(config, batch: int, seq: int):
 
 
 def random_state(abstract_state):
-  """A train state of the right shapes and shardings: params N(0, 0.02^2), the rest zeros.
-
-  Step time does not depend on the values, and the jitted random init of a 1.3B model took
-  minutes to compile on the H200 (call 1 of 2026-11-29); this compiles one fill per shape."""
-  fill = jax.jit(lambda k, shape, dtype: (0.02 * jax.random.normal(k, shape)).astype(dtype),
-                 static_argnums=(1, 2))
-  leaves, treedef = jax.tree.flatten_with_path(abstract_state)
-  out = []
-  for i, (path, a) in enumerate(leaves):
-    name = jax.tree_util.keystr(path)
-    if name.startswith("['params']") and np.issubdtype(a.dtype, np.floating):
-      x = fill(jax.random.key(i), a.shape, a.dtype)
-    else:
-      x = np.zeros(a.shape, a.dtype)
-    out.append(jax.device_put(x, a.sharding))
-  return jax.tree.unflatten(treedef, out)
+  """A train state of the right shapes and shardings: float params N(0, 0.02^2), the rest zeros
+  (bench_timing.fill_tree; the jitted init of a 1.3B model compiles for minutes on the H200)."""
+  return bench_timing.fill_tree(
+      abstract_state, lambda path, a: "normal" if path.startswith("['params']")
+      and np.issubdtype(a.dtype, np.floating) else "zeros")
 
 
 def measure(config, batch: int, seq: int, steps: int, warmup: int, profile: str = "") -> dict:
