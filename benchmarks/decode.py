@@ -192,6 +192,9 @@ def main(argv=None) -> int:
         f"{bandwidth / 1e12:.2f} TB/s (read + write); jax {jax.__version__}", flush=True)
   cfgs = model_configs(tiny)
   if a.models:
+    unknown = sorted(set(a.models.split(",")) - set(cfgs))
+    if unknown:
+      p.error(f"unknown model(s) {unknown}; choose from {sorted(cfgs)}")
     cfgs = {k: v for k, v in cfgs.items() if k in a.models.split(",")}
   results = {"device": device.device_kind, "platform": device.platform,
              "bandwidth_bytes_per_s": bandwidth, "jax": jax.__version__,
