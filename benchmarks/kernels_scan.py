@@ -208,7 +208,9 @@ def main():
   reps = 10 if args.quick else 30
   if args.sweep:
     configs = json.loads(args.configs) if args.configs else [
-        {}, {"block_d": 64, "num_warps": 2}, {"sub_chunk": 2}, {"block_d": 256, "num_warps": 8},
+        # The default (block_d 32, 1 warp) and what the static check passes next to it: a
+        # 16-step forward body (255 registers, no spill), 2x the programs at half a warp.
+        {}, {"fwd_sub_chunk": 16}, {"block_d": 16, "num_warps": 1}, {"block_d": 64, "num_warps": 2},
     ]
     sweep = []
     for kw in configs:
