@@ -18,8 +18,9 @@ q/k/v/do reads through L2.
 
 Shared memory (the limit on Hopper is 227 KiB per program): Triton's software pipeliner keeps
 num_stages copies of every tile the chunk loop loads for a matmul. The measured (128, 256) heads run
-3 stages; wide heads (whose [K, BV] tiles load q and k over all of d_k per chunk) run unpipelined
-(1 stage, `pipeline_stages`). An unpipelined loop holds its loads in registers, so there each
+3 stages; wide heads (whose [K, BV] tiles load q and k over all of d_k per chunk) run 2 stages where
+they fit with margin (the 1.3B heads) and else unpipelined (1 stage; `pipeline_stages`). An
+unpipelined loop holds its loads in registers, so there each
 sub-block's state update is traced right after its sub-block is read (`early`), and its q/k (or
 v/do) tiles die before the next sub-block loads; a pipelined loop keeps the measured order (all
 updates after the chunk's output). benchmarks/gpu_kernel_resources.py compiles the kernels for
