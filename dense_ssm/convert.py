@@ -28,6 +28,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from dense_ssm import cli
 from dense_ssm.models.config import ModelConfig
 
 # (reference name under model.layers.{i}., our path under layers_{i}/, transpose?)
@@ -379,16 +380,11 @@ def main(argv=None) -> int:
   p.add_argument("--dense_layers", type=int, default=None,
                  help="retnet: dense depth m (default: config's dense_block_layers, else 2)")
   p.add_argument("--dtype", default=None, help="store params as this dtype, e.g. bfloat16")
-  p.add_argument("--traceback", action="store_true", help="show tracebacks of errors")
+  cli.add_traceback_flag(p)
   a = p.parse_args(argv)
-  try:
+  with cli.user_errors("dense_ssm.convert", a.traceback, extra=(ImportError,)):  # no torch
     out = convert(a.kind, a.checkpoint, a.out, config=a.config, tokenizer=a.tokenizer,
                   dense_layers=a.dense_layers, dtype=a.dtype)
-  except (ValueError, FileNotFoundError, ImportError, NotADirectoryError) as e:
-    if a.traceback:
-      raise
-    print(f"dense_ssm.convert: error: {e}", file=sys.stderr)
-    return 1
   print(f"converted {a.checkpoint} ({a.kind}) to {out}")
   return 0
 

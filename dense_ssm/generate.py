@@ -13,8 +13,7 @@ How it runs. Prompts of different lengths are left-padded into one [B, T] batch,
 segment 0 and prompt tokens in segment 1, so every row's state starts at its own first token and
 its positions restart there. One jitted `start` runs the prefill (the model's chunkwise or kernel
 mode) and samples the first token; then jitted `blocks` each run up to `block_size` decode steps
-inside one `lax.while_loop` (no host round trip per token) that ends early once every row has
-emitted EOS. Sampling key of token i = fold_in(PRNGKey(seed), i), so the output does not depend
+on the device (no host round trip per token), ending early once every row has emitted EOS. Sampling key of token i = fold_in(PRNGKey(seed), i), so the output does not depend
 on the block size.
 
 Keeping the device busy. Inside a block, steps run in groups of `SYNC_EVERY` as a loop of static
@@ -44,6 +43,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dense_ssm import cli
 from dense_ssm.models import build_model, init_cache
 from dense_ssm.models.config import ModelConfig
 
@@ -360,11 +360,11 @@ def main(argv=None) -> int:
   p.add_argument("--block_size", type=int, default=DEFAULT_STREAM_BLOCK,
                  help="tokens per jitted decode block when streaming")
   p.add_argument("--dtype", default=None, help="compute dtype override, e.g. bfloat16")
-  p.add_argument("--traceback", action="store_true", help="show tracebacks of errors")
+  cli.add_traceback_flag(p)
   a = p.parse_args(argv)
   from dense_ssm import export  # pylint: disable=g-import-not-at-top
   export.quiet_logs()
-  try:
+  with cli.user_errors("dense_ssm.generate", a.traceback):
     prompts = [s.replace("\\n", "\n") for s in a.prompt]
     if a.prompt_file:
       f = sys.stdin if a.prompt_file == "-" else open(a.prompt_file, encoding="utf-8")
@@ -391,11 +391,6 @@ def main(argv=None) -> int:
         print(f"--- [{i}] ---\n{prompt}{out}")
     print(f"[{len(prompts)} prompt(s), {dt:.2f}s incl. compilation, {pre.source}]",
           file=sys.stderr)
-  except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as e:
-    if a.traceback:
-      raise
-    print(f"dense_ssm.generate: error: {e}", file=sys.stderr)
-    return 1
   return 0
 
 

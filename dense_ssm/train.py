@@ -33,6 +33,7 @@ from absl import logging
 from ml_collections import config_flags
 
 import dense_ssm
+from dense_ssm import cli
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file (configs/*.py).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs, the tokenizer.")
@@ -56,10 +57,6 @@ _SIGKILL_AT = flags.DEFINE_integer(
 
 class TrainingError(RuntimeError):
   """A run that cannot continue (e.g. a non-finite loss); the message names the step."""
-
-
-USER_ERRORS = (ValueError, FileNotFoundError, PermissionError, NotADirectoryError,
-               FileExistsError, TrainingError)
 
 
 # ------------------------------------------------------------------------------ setup
@@ -462,7 +459,7 @@ def main(argv):
   dense_ssm.default_to_cpu_without_accelerators()  # flags may have imported jax first
   if not flags.FLAGS["verbosity"].present:  # console: our lines + warnings; -v 0 for all logs
     logging.set_verbosity(logging.WARNING)
-  try:
+  with cli.user_errors("dense_ssm.train", _TRACEBACK.value, extra=(TrainingError,)):
     config = _load_config()
     if _COMPILE_ONLY.value:
       from dense_ssm import compile as compile_lib  # pylint: disable=g-import-not-at-top
@@ -474,11 +471,6 @@ def main(argv):
     maybe_initialize_distributed(_DISTRIBUTED.value, _COORDINATOR.value, _NUM_PROCESSES.value,
                                  _PROCESS_ID.value)
     train_and_evaluate(config, _WORKDIR.value, sigkill_after_step=_SIGKILL_AT.value)
-  except USER_ERRORS as e:
-    if _TRACEBACK.value:
-      raise
-    print(f"dense_ssm.train: error: {e}", file=sys.stderr, flush=True)
-    sys.exit(1)
 
 
 if __name__ == "__main__":
