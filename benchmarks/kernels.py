@@ -118,7 +118,7 @@ def _retention_cost(b, t, h, dk, dv, c=64):
 
 def _retention_check_features():
   """Small GPU check of the paths the timed shapes skip: per-token decay, segments, h0, ragged T."""
-  from dense_ssm.ops import retention, retnet_log_decay  # pylint: disable=g-import-not-at-top
+  from dense_ssm.ops import retention  # pylint: disable=g-import-not-at-top
   from dense_ssm.ops.retention_pallas import retention_pallas  # pylint: disable=g-import-not-at-top
   rows = []
   for dtype in (jnp.float32, jnp.bfloat16):
@@ -198,14 +198,15 @@ def bench_retention(quick=False, shapes=None):
       return fwd, jax.jit(fb)
 
     variants = dict(RETENTION_VARIANTS)
-    # Run at every shape: the other side of the chunk-product pre-pass switch, and where the
-    # default is unpipelined (wide heads: 1 stage, see retention_pallas_gpu.pipeline_stages),
-    # 2 stages (about 190-225 KB of shared memory, close to the 227 KiB limit).
+    # Run at every shape: the other side of the chunk-product pre-pass switch, and at the wide
+    # heads (fewer than 3 pipeline stages, see retention_pallas_gpu.pipeline_stages) the other of
+    # 1 and 2 stages (2 stages hold about 190-225 KB of shared memory, near the 227 KiB limit).
     tiles = choose_tiles(dk, dv, b * h)
     flip = not tiles.precompute
     shape_variants = {f"precompute_{'on' if flip else 'off'}": dict(tuning=(("precompute", flip),))}
-    if tiles.fwd_stages == 1:
-      shape_variants["stages2_wide"] = dict(tuning=(("num_stages", 2),))
+    if tiles.fwd_stages < 3:
+      other = 3 - tiles.fwd_stages
+      shape_variants[f"stages{other}_wide"] = dict(tuning=(("num_stages", other),))
     variants.update(shape_variants)
     impls = {}
     for vname, var in variants.items():

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import jax
-
 from dense_ssm import models, optim, sharding, train_log, train_step
 
 

@@ -15,7 +15,7 @@ which is the same update as one step over the whole batch (up to float summation
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Mapping
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax
