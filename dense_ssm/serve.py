@@ -48,6 +48,8 @@ def read_safetensors(path: str) -> dict[str, np.ndarray]:
 
 
 def _nest(flat: dict[str, np.ndarray]) -> dict:
+  # Same as dense_ssm.export.unflatten_params, repeated on purpose: this file runs where
+  # dense_ssm is not installed (a test imports it in such a process).
   out: dict = {}
   for name, value in flat.items():
     *parents, leaf = name.split("/")
