@@ -37,6 +37,12 @@ import bench_timing  # pylint: disable=g-import-not-at-top,wrong-import-position
 PEAK_FLOPS = 790e12  # bf16 dense matmul measured on this H200 kind (KINDS.md)
 PEAK_BYTES = 4.3e12  # device-to-device copy, bytes read + written
 SMOKE = False  # --smoke: tiny shapes in the Pallas interpreter (CPU dry run of this script)
+IMPLS = ()  # --impls: run only the implementations whose names start with one of these
+SAVE = lambda rows: None  # main() sets it: writes the rows so far (a time limit loses no row)
+
+
+def _wanted(name):
+  return not IMPLS or name.startswith(IMPLS)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -219,6 +225,7 @@ def bench_retention(quick=False, shapes=None):
               interpret=SMOKE, _tuning=var.get("tuning", ())))
     impls["xla_chunkwise"] = jax_fns(
         lambda q, k, v, ld: retention(q, k, v, ld, impl="chunkwise"))
+    impls = {name: fns for name, fns in impls.items() if _wanted(name)}
 
     # Correctness first: float32 reference (chunkwise form on float32 inputs, exact matmuls).
     q, k, v, do, ld = sets[0]
@@ -241,7 +248,7 @@ def bench_retention(quick=False, shapes=None):
         print(f"  {iname:24s} fwd {res[1]:8.3f} ms  fwd+bwd {res[2]:8.3f} ms  err o/dq/dk/dv "
               + "/".join(f"{e:.1e}" for e in res[0]), flush=True)
 
-    if chunk_retention is not None:
+    if chunk_retention is not None and _wanted("fla_chunk_retention"):
       def fla_run():
         tsets = [tuple(_to_torch(x) for x in s[:4]) for s in sets]
         for s in tsets:
@@ -270,6 +277,7 @@ def bench_retention(quick=False, shapes=None):
           floor_ms_fwd=floor_f, floor_ms_fwd_bwd=floor_fb,
           floor_share_fwd=floor_f / ms_f, floor_share_fwd_bwd=floor_fb / ms_fb,
           err_o=errs[0], err_dq=errs[1], err_dk=errs[2], err_dv=errs[3]))
+    SAVE(rows)
   return rows
 
 
@@ -300,17 +308,19 @@ def bench_selective_scan(quick=False, shapes=None):
     anchor = {m: by.get(("associative", m)) for m in ("fwd", "fwd+bwd")}
     for impl in ("pallas", "associative"):
       f, fb = by.get((impl, "fwd")), by.get((impl, "fwd+bwd"))
-      if not (f and fb):
+      if not (f or fb):
         continue
-      ratio = lambda r, m: r["ms"] / anchor[m]["ms"] if anchor[m] else None  # pylint: disable=cell-var-from-loop
+      get = lambda r, key: r[key] if r else None
+      ratio = lambda r, m: r["ms"] / anchor[m]["ms"] if r and anchor[m] else None  # pylint: disable=cell-var-from-loop
       rows.append(dict(
           op="selective_scan", shape="B{} T{} D{} N{}".format(*shape), impl=impl,
-          ms_fwd=f["ms"], ms_fwd_bwd=fb["ms"], ratio_fwd=ratio(f, "fwd"),
-          ratio_fwd_bwd=ratio(fb, "fwd+bwd"), floor_ms_fwd=f["floor_ms"],
-          floor_ms_fwd_bwd=fb["floor_ms"], floor_share_fwd=f["share_of_floor"],
-          floor_share_fwd_bwd=fb["share_of_floor"],
+          ms_fwd=get(f, "ms"), ms_fwd_bwd=get(fb, "ms"), ratio_fwd=ratio(f, "fwd"),
+          ratio_fwd_bwd=ratio(fb, "fwd+bwd"), floor_ms_fwd=get(f, "floor_ms"),
+          floor_ms_fwd_bwd=get(fb, "floor_ms"), floor_share_fwd=get(f, "share_of_floor"),
+          floor_share_fwd_bwd=get(fb, "share_of_floor"),
           err_o=errs["y"] if impl == "pallas" else 0.0,
           err_dq=errs["dx"] if impl == "pallas" else 0.0))
+    SAVE(rows)
   return rows
 
 
@@ -321,14 +331,17 @@ def print_table(rows):
   print("\n| op | shape | impl | fwd ms | fwd+bwd ms | x anchor (fwd, f+b) | floor share (fwd, f+b) "
         "| rel err out / first input grad |")
   print("|---|---|---|---|---|---|---|---|")
+  def fmt(x, spec):
+    return "-" if x is None else format(x, spec)
+
   for r in rows:
     if "impl" not in r:
       continue
-    ratio = ("-" if r["ratio_fwd"] is None
-             else f"{r['ratio_fwd']:.2f}, {r['ratio_fwd_bwd']:.2f}")
-    print(f"| {r['op']} | {r['shape']} | {r['impl']} | {r['ms_fwd']:.3f} | {r['ms_fwd_bwd']:.3f} "
-          f"| {ratio} | {r['floor_share_fwd']:.0%}, {r['floor_share_fwd_bwd']:.0%} "
-          f"| {r['err_o']:.1e} / {r['err_dq']:.1e} |")
+    ratio = ("-" if r["ratio_fwd"] is None and r["ratio_fwd_bwd"] is None
+             else f"{fmt(r['ratio_fwd'], '.2f')}, {fmt(r['ratio_fwd_bwd'], '.2f')}")
+    print(f"| {r['op']} | {r['shape']} | {r['impl']} | {fmt(r['ms_fwd'], '.3f')} "
+          f"| {fmt(r['ms_fwd_bwd'], '.3f')} | {ratio} | {fmt(r['floor_share_fwd'], '.0%')}, "
+          f"{fmt(r['floor_share_fwd_bwd'], '.0%')} | {r['err_o']:.1e} / {r['err_dq']:.1e} |")
 
 
 def main():
@@ -340,20 +353,29 @@ def main():
   parser.add_argument("--shapes", default="",
                       help="comma-separated indices into each op's shape list, in the order to "
                            "run (indices past an op's list are skipped)")
+  parser.add_argument("--impls", default="",
+                      help="comma-separated name prefixes: run only these implementations "
+                           "(e.g. fla,pallas/default); default all")
   args = parser.parse_args()
-  global SMOKE
+  global SMOKE, IMPLS, SAVE
   SMOKE = args.smoke
+  IMPLS = tuple(i for i in args.impls.split(",") if i)
   print(f"jax {jax.__version__}, devices {jax.devices()}", flush=True)
-  rows = []
-  for op in args.ops.split(","):
-    shapes = [int(i) for i in args.shapes.split(",")] if args.shapes else None
-    rows += OPS[op](quick=args.quick, shapes=shapes)
-  print_table(rows)
   os.makedirs(args.out, exist_ok=True)
   meta = dict(date=time.strftime("%Y-%m-%d %H:%M:%S"), jax=jax.__version__,
               device=str(jax.devices()[0].device_kind), argv=sys.argv)
-  with open(os.path.join(args.out, "kernels.json"), "w") as f:
-    json.dump(dict(meta=meta, rows=rows), f, indent=1)
+  rows = []
+
+  def save(op_rows):
+    with open(os.path.join(args.out, "kernels.json"), "w") as f:
+      json.dump(dict(meta=meta, rows=rows + op_rows), f, indent=1)
+
+  SAVE = save
+  for op in args.ops.split(","):
+    shapes = [int(i) for i in args.shapes.split(",")] if args.shapes else None
+    rows += OPS[op](quick=args.quick, shapes=shapes)
+    save([])
+  print_table(rows)
 
 
 if __name__ == "__main__":

@@ -44,6 +44,7 @@ from jax.experimental import pallas as pl
 from dense_ssm.ops import dispatch
 
 _LOG2E = 1.4426950408889634
+_LN2 = 0.6931471805599453
 _F32 = jnp.float32
 
 
@@ -66,6 +67,7 @@ class ScanConfig:
   fwd_sub: int = 8  # GPU: steps per unrolled forward body
   num_warps: int = 4  # GPU: warps per program
   red_batch: int = 4  # GPU: backward steps whose d-reductions (db, dc) are batched
+  prefetch: bool = False  # GPU forward: load the next body's x, dt, z before this body's math
 
   @property
   def masked(self) -> bool:
@@ -130,8 +132,33 @@ def _sigmoid(v):
   return 1.0 / (1.0 + jnp.exp(-v))
 
 
-def _softplus(v):
-  return jnp.maximum(v, 0.0) + jnp.log1p(jnp.exp(-jnp.abs(v)))
+def _softplus(cfg, v):
+  """softplus(v) = max(v, 0) + log(1 + e^-|v|).
+
+  On GPU through exp2 / log2 (single MUFU instructions): libdevice's log1pf
+  branches, and a branch per step splits the unrolled body into basic blocks
+  that the compiler cannot hoist the next step's loads across (measured: one
+  memory latency exposed per step). log(1 + e) for e < 2^-24 rounds to 0, an
+  absolute error below 6e-8.
+  """
+  if cfg.backend == "tpu":
+    return jnp.maximum(v, 0.0) + jnp.log1p(jnp.exp(-jnp.abs(v)))
+  return jnp.maximum(v, 0.0) + _log2(cfg, 1.0 + jnp.exp2(-jnp.abs(v) * _LOG2E)) * _LN2
+
+
+def _log2(cfg, v):
+  """log2 of a float32 >= 1 on GPU: one lg2.approx (relative error ~2^-22).
+
+  jnp.log2 lowers to libdevice's logf, whose special-value branch would split
+  the body (see _softplus); the interpreter uses jnp.log2.
+  """
+  if cfg.interpret:
+    return jnp.log2(v)
+  from jax.experimental.pallas import triton as pltr  # pylint: disable=g-import-not-at-top
+  [out] = pltr.elementwise_inline_asm(
+      "lg2.approx.ftz.f32 $0, $1;", args=[v], constraints="=f,f", pack=1,
+      result_shape_dtypes=[jax.ShapeDtypeStruct(v.shape, v.dtype)])
+  return out
 
 
 # ------------------------------------------------------------------------------
@@ -141,7 +168,7 @@ def _softplus(v):
 def _delta(cfg, p, dt, valid):
   """(delta, v = dt + bias); padded steps get delta = 0 (a = 1, u = 0: identities)."""
   v = dt + p["bias"] if cfg.has_bias else dt
-  delta = _softplus(v) if cfg.softplus else v
+  delta = _softplus(cfg, v) if cfg.softplus else v
   if valid is not None:
     delta = jnp.where(valid, delta, 0.0)
   return delta, v
@@ -271,13 +298,16 @@ def _gpu_params(cfg, r):
   return p
 
 
-def _gpu_getter(cfg, r, base):
-  """Step i of the body starting at time `base`, loaded from HBM."""
+def _gpu_getter(cfg, r, base, pre=None):
+  """Step i of the body starting at time `base`, loaded from HBM (or taken from
+  `pre`, rows loaded earlier by _gpu_prefetch)."""
 
   def get(name, i):
     t = base + i
     if name == "valid":
       return t < cfg.seq_len
+    if pre and name in pre:
+      return pre[name][i].astype(_F32)
     if name == "keep":
       return r["keep"][t]
     if name in ("b", "c"):  # one vector load, split into N scalars in registers
@@ -300,21 +330,29 @@ def _gpu_fwd_kernel(cfg, in_names, out_names, *refs):
   n = r["A"].shape[0]
   zeros = jnp.zeros((cfg.block_d,), _F32)
   h = _load_state(r["h0"]) if cfg.has_h0 else _Cols([zeros] * n)
-  body = cfg.fwd_sub
+  body, t_pad = cfg.fwd_sub, r["x"].shape[0]
+  # With cfg.prefetch the loop carries the next body's x, dt, z rows (the HBM
+  # reads; b and c rows are shared by all channel blocks and come from L2), so
+  # their latency overlaps this body's math instead of starting each body.
+  names = ("x", "dt", "z") if cfg.has_z else ("x", "dt")
+  fetch = lambda base: ({name: [r[name][base + i, :] for i in range(body)] for name in names}
+                        if cfg.prefetch else {})
 
-  def steps(k, q, h):
+  def steps(k, q, carry):
+    h, pre = carry
     base = k * cfg.chunk + q * body
-    h, ys = _forward_steps(cfg, _gpu_getter(cfg, r, base), h, p, body)
+    nxt = fetch(jnp.minimum(base + body, t_pad - body))  # the last body re-reads itself
+    h, ys = _forward_steps(cfg, _gpu_getter(cfg, r, base, pre), h, p, body)
     for i, y in enumerate(ys):
       r["y"][base + i, :] = y.astype(r["y"].dtype)
-    return h
+    return h, nxt
 
-  def chunk(k, h):
+  def chunk(k, carry):
     if "ckpt" in r:
-      _store_state(r["ckpt"], h, k)
-    return jax.lax.fori_loop(0, cfg.chunk // body, functools.partial(steps, k), h)
+      _store_state(r["ckpt"], carry[0], k)
+    return jax.lax.fori_loop(0, cfg.chunk // body, functools.partial(steps, k), carry)
 
-  h = jax.lax.fori_loop(0, r["x"].shape[0] // cfg.chunk, chunk, h)
+  h, _ = jax.lax.fori_loop(0, t_pad // cfg.chunk, chunk, (h, fetch(0)))
   _store_state(r["hT"], h)
 
 
@@ -813,9 +851,9 @@ _scan.defvjp(_scan_fwd, _scan_bwd)
 # 128 / 4 warps 8.95 ms (benchmarks/RESULTS.md, 2026-11-29).
 _DEFAULTS = {  # backend -> block_d, chunk, sub_chunk, fwd_sub_chunk, num_warps, reduce_batch
     "tpu": dict(block_d=512, chunk=64, sub_chunk=8, fwd_sub_chunk=8, num_warps=4,
-                reduce_batch=1),
+                reduce_batch=1, prefetch=0),
     "gpu": dict(block_d=32, chunk=64, sub_chunk=4, fwd_sub_chunk=8, num_warps=1,
-                reduce_batch=2),
+                reduce_batch=2, prefetch=0),
 }
 
 
@@ -850,7 +888,7 @@ def selective_scan_pallas(x, dt, A, b, c, *, d_skip=None, z=None, dt_bias=None,
                           dt_softplus=True, initial_state=None, segment_ids=None,
                           backend=None, interpret=False, block_d=None, chunk=None,
                           sub_chunk=None, fwd_sub_chunk=None, num_warps=None,
-                          reduce_batch=None):
+                          reduce_batch=None, prefetch=None):
   """Fused selective scan (see the module docstring for the math).
 
   Args:
@@ -871,10 +909,11 @@ def selective_scan_pallas(x, dt, A, b, c, *, d_skip=None, z=None, dt_bias=None,
     block_d: channels per program (TPU: multiple of 128; GPU: power of 2).
     chunk: time steps per chunk = checkpoint spacing (multiple of 8; of 16 for
       16-bit inputs on TPU).
-    sub_chunk, fwd_sub_chunk, num_warps, reduce_batch: tuning knobs: steps per
-      unrolled backward body (their states stay on chip; divides chunk), steps
-      per unrolled GPU forward body, GPU warps per program, GPU backward steps
-      per batched reduction over channels. None = per-backend defaults.
+    sub_chunk, fwd_sub_chunk, num_warps, reduce_batch, prefetch: tuning knobs:
+      steps per unrolled backward body (their states stay on chip; divides
+      chunk), steps per unrolled GPU forward body, GPU warps per program, GPU
+      backward steps per batched reduction over channels, GPU forward loads one
+      body ahead. None = per-backend defaults.
 
   Returns:
     (y [B, T, D] in x.dtype, final_state [B, D, N] float32).
@@ -884,7 +923,7 @@ def selective_scan_pallas(x, dt, A, b, c, *, d_skip=None, z=None, dt_bias=None,
   knobs = dict(_DEFAULTS[backend])
   for name, val in (("block_d", block_d), ("chunk", chunk), ("sub_chunk", sub_chunk),
                     ("fwd_sub_chunk", fwd_sub_chunk), ("num_warps", num_warps),
-                    ("reduce_batch", reduce_batch)):
+                    ("reduce_batch", reduce_batch), ("prefetch", prefetch)):
     if val is not None:
       knobs[name] = int(val)
   bsz, t, d = x.shape
@@ -911,7 +950,8 @@ def selective_scan_pallas(x, dt, A, b, c, *, d_skip=None, z=None, dt_bias=None,
       has_d=d_skip is not None, has_z=z is not None, has_bias=dt_bias is not None,
       has_h0=initial_state is not None, has_seg=segment_ids is not None,
       softplus=bool(dt_softplus), interpret=bool(interpret), fwd_sub=fwd_sub,
-      num_warps=knobs["num_warps"], red_batch=red_batch)
+      num_warps=knobs["num_warps"], red_batch=red_batch,
+      prefetch=backend == "gpu" and bool(knobs["prefetch"]))
   keep = None
   if segment_ids is not None:
     same = segment_ids[:, 1:] == segment_ids[:, :-1]
