@@ -17,6 +17,10 @@ Kernels. The state of one block of channels lives on chip in float32; no
   * GPU (Triton lowering): grid (B, D/block_d); each program walks all of time
     in loops of a few unrolled steps; the state is N per-channel vectors (each
     thread owns all N states of its channel), so sums over N are register adds.
+    The walk is bound by memory latency, not bandwidth: each loop body is kept
+    one basic block (no branching libdevice calls, see _softplus) so that its
+    loads issue together, and the forward loads the next body's rows while it
+    computes this one (`prefetch`).
 The forward saves the state at every chunk start ([B, T/chunk, N, D] float32, a
 1/chunk fraction of the [T, D, N] states). The backward walks the chunks in
 reverse: it recomputes each chunk's states from its checkpoint (first the states
@@ -847,13 +851,16 @@ _scan.defvjp(_scan_fwd, _scan_bwd)
 # Public entry point.
 
 # GPU: one channel per thread; more, smaller programs hide more memory latency. Measured on an
-# H200 at (8, 2048, 2048, 16) bf16 fwd+bwd: block_d 32 / 1 warp 7.96 ms, 64 / 2 warps 8.12 ms,
-# 128 / 4 warps 8.95 ms (benchmarks/RESULTS.md, 2026-11-29).
+# H200 at (8, 2048, 2048, 16) bf16 fwd+bwd (benchmarks/RESULTS.md, 2026-11-29): block_d 32 / 1
+# warp 7.96 ms, 64 / 2 warps 8.12 ms, 128 / 4 warps 8.95 ms; then with one basic block per body:
+# 8-step forward bodies 7.81 ms, with prefetch 5.81 ms (forward 3.34 -> 1.83 ms), 16-step bodies
+# without prefetch 6.96 ms (forward 1.22 ms). 16-step bodies with prefetch were not timed: their
+# Triton compile did not finish within the call's limit.
 _DEFAULTS = {  # backend -> block_d, chunk, sub_chunk, fwd_sub_chunk, num_warps, reduce_batch
     "tpu": dict(block_d=512, chunk=64, sub_chunk=8, fwd_sub_chunk=8, num_warps=4,
                 reduce_batch=1, prefetch=0),
     "gpu": dict(block_d=32, chunk=64, sub_chunk=4, fwd_sub_chunk=8, num_warps=1,
-                reduce_batch=2, prefetch=0),
+                reduce_batch=2, prefetch=1),
 }
 
 
