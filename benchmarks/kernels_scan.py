@@ -140,6 +140,14 @@ def bench_shape(shape, dtype, impls, key, reps):
   dys = [(jax.random.normal(jax.random.fold_in(key, 10 + i), shape[:3], dtype),
           jnp.zeros((shape[0], shape[2], shape[3]), jnp.float32)) for i in range(2)]
   fb, fbb = byte_floor(shape, jnp.dtype(dtype).itemsize)
+  ref = []  # float32 sequential reference (y, h) on sets[0], computed on first use
+
+  def errors(out):
+    if not ref:
+      f32 = {k: (v.astype(jnp.float32) if v.dtype != jnp.int32 else v) for k, v in sets[0].items()}
+      ref.append(jax.jit(lambda a: reference_scan(**a))(f32))
+    return {"err_y": rel_err(out[0], ref[0][0]), "err_h": rel_err(out[1], ref[0][1])}
+
   for label, fn in impls:
     fwd = jax.jit(lambda a, fn=fn: fn(**a))
     both = fwd_bwd_fn(fn, names)
@@ -153,8 +161,10 @@ def bench_shape(shape, dtype, impls, key, reps):
         continue
       try:
         t0 = time.perf_counter()
-        jax.block_until_ready(run(*args[0]))  # compile + first run
+        out = jax.block_until_ready(run(*args[0]))  # compile + first run
         row["first_call_s"] = time.perf_counter() - t0
+        if mode == "fwd":  # every configuration is checked, not only the default
+          row.update(errors(out))
         med, best = time_fn(run, args, reps=reps)
         row.update(ms=med, ms_min=best, floor_ms=floor / PEAK_BYTES * 1e3,
                    share_of_floor=floor / PEAK_BYTES * 1e3 / med,
@@ -208,9 +218,10 @@ def main():
   reps = 10 if args.quick else 30
   if args.sweep:
     configs = json.loads(args.configs) if args.configs else [
-        # The default (block_d 32, 1 warp) and what the static check passes next to it: a
-        # 16-step forward body (255 registers, no spill), 2x the programs at half a warp.
-        {}, {"fwd_sub_chunk": 16}, {"block_d": 16, "num_warps": 1}, {"block_d": 64, "num_warps": 2},
+        # The default (block_d 32 / 1 warp, 8-step forward bodies with prefetch) and its untimed
+        # neighbours: backward prefetch (255 registers, 120 B spilled vs 72 B without, static
+        # check), 16-step forward bodies with prefetch (slow Triton compile), half-warp programs.
+        {}, {"bwd_prefetch": 1}, {"fwd_sub_chunk": 16}, {"block_d": 16, "num_warps": 1},
     ]
     sweep = []
     for kw in configs:
@@ -237,16 +248,17 @@ def main():
                                                  ("associative", associative_scan)], key, reps)
     save()
   print("\n| shape (B,T,D,N) | dtype | impl | mode | ms | speed-up vs assoc | floor ms | "
-        "share of byte floor |")
-  print("|---|---|---|---|---|---|---|---|")
+        "share of byte floor | y err vs float32 |")
+  print("|---|---|---|---|---|---|---|---|---|")
   for r in result.get("sweep", []) + result["rows"]:
     if "ms" in r:
+      err = f"{r['err_y']:.1e}" if "err_y" in r else ""
       print(f"| {tuple(r['shape'])} | {r['dtype']} | {r['impl']} | {r['mode']} | {r['ms']:.3f} | "
             f"{r.get('speedup_vs_assoc', float('nan')):.2f} | {r['floor_ms']:.3f} | "
-            f"{r['share_of_floor']:.2f} |")
+            f"{r['share_of_floor']:.2f} | {err} |")
     else:
       print(f"| {tuple(r['shape'])} | {r['dtype']} | {r['impl']} | {r['mode']} | "
-            f"{r.get('error', '')[:80]} | | | |")
+            f"{r.get('error', '')[:80]} | | | | |")
 
 
 if __name__ == "__main__":

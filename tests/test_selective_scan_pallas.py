@@ -75,13 +75,14 @@ def check_values_and_grads(inputs, static, kernel_kw):
 @pytest.mark.parametrize("backend,prefetch", [("tpu", None), ("gpu", False), ("gpu", True)])
 def test_all_options_ragged_segments(backend, prefetch):
   """T=37 (ragged for chunk 8), packed segments, initial state, d_skip, z, dt_bias;
-  on GPU with and without the forward's loads one body ahead (2 bodies per chunk)."""
+  on GPU with and without loads one body ahead (2 bodies per chunk both ways)."""
   bsz, t, d, n = 2, 37, (128 if backend == "tpu" else 16), 6
   inputs = make_inputs(0, bsz, t, d, n)
   inputs["segment_ids"] = jnp.array([[0] * 9 + [1] * 20 + [2] * 8, [3] * 37], jnp.int32)
   block_d = 128 if backend == "tpu" else 8  # GPU: two channel blocks
   check_values_and_grads(inputs, {}, dict(backend=backend, chunk=8, sub_chunk=4, block_d=block_d,
-                                          fwd_sub_chunk=4, prefetch=prefetch))
+                                          fwd_sub_chunk=4, prefetch=prefetch,
+                                          bwd_prefetch=prefetch))
 
 
 def test_gpu_kernels_lower_for_cuda():
@@ -90,7 +91,8 @@ def test_gpu_kernels_lower_for_cuda():
   inputs["z"] = inputs["x"]
 
   def loss(x):
-    y, h = selective_scan_pallas(**{**inputs, "x": x}, backend="gpu", chunk=16, prefetch=True)
+    y, h = selective_scan_pallas(**{**inputs, "x": x}, backend="gpu", chunk=16, prefetch=True,
+                                 bwd_prefetch=True)
     return jnp.sum(y) + jnp.sum(h)
 
   text = jax.jit(jax.grad(loss)).trace(inputs["x"]).lower(

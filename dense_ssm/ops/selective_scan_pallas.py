@@ -72,6 +72,7 @@ class ScanConfig:
   num_warps: int = 4  # GPU: warps per program
   red_batch: int = 4  # GPU: backward steps whose d-reductions (db, dc) are batched
   prefetch: bool = False  # GPU forward: load the next body's x, dt, z before this body's math
+  bwd_prefetch: bool = False  # GPU backward: the same for both passes of each chunk
 
   @property
   def masked(self) -> bool:
@@ -322,6 +323,16 @@ def _gpu_getter(cfg, r, base, pre=None):
   return get
 
 
+def _gpu_fetch(cfg, r, base, steps, names, on):
+  """Rows base .. base+steps-1 of `names` (raw dtype) for a getter's `pre`; {} when off.
+
+  Issued one loop body ahead and carried in registers, so their memory latency
+  overlaps the current body's math (the walk is latency-bound)."""
+  if not on:
+    return {}
+  return {name: [r[name][base + i, :] for i in range(steps)] for name in names if name in r}
+
+
 def _stack_sum_d(prods):
   """[S x _Cols of N [bd] vectors] -> [S, N] sums over bd, in one (batched) reduction."""
   st = _stack_last([v for pr in prods for v in pr])  # [bd, S * N], index s * N + n
@@ -338,9 +349,7 @@ def _gpu_fwd_kernel(cfg, in_names, out_names, *refs):
   # With cfg.prefetch the loop carries the next body's x, dt, z rows (the HBM
   # reads; b and c rows are shared by all channel blocks and come from L2), so
   # their latency overlaps this body's math instead of starting each body.
-  names = ("x", "dt", "z") if cfg.has_z else ("x", "dt")
-  fetch = lambda base: ({name: [r[name][base + i, :] for i in range(body)] for name in names}
-                        if cfg.prefetch else {})
+  fetch = lambda base: _gpu_fetch(cfg, r, base, body, ("x", "dt", "z"), cfg.prefetch)
 
   def steps(k, q, carry):
     h, pre = carry
@@ -373,10 +382,19 @@ def _gpu_bwd_kernel(cfg, in_names, out_names, *refs):
       from jax.experimental.pallas import triton as pltr  # pylint: disable=g-import-not-at-top
       pltr.debug_barrier()
 
+  # With cfg.bwd_prefetch both passes load the next sub-chunk's rows one body
+  # ahead: pass 1 (forward in time) x and dt, pass 2 (backward in time, carried
+  # across chunks: the next chunk's pass 2 starts where this one's ends) x, dt,
+  # dy and z.
+  t_pad = r["x"].shape[0]
+  fetch1 = lambda base: _gpu_fetch(cfg, r, base, sub, ("x", "dt"), cfg.bwd_prefetch)
+  fetch2 = lambda base: _gpu_fetch(cfg, r, base, sub, ("x", "dt", "dy", "z"), cfg.bwd_prefetch)
+
   def sub_chunk(k, qq, carry):
     q = per_chunk - 1 - qq
     base = k * cfg.chunk + q * sub
-    g, d_a, d_d, d_bias = carry
+    g, d_a, d_d, d_bias, pre = carry
+    nxt = fetch2(jnp.maximum(base - sub, 0))  # the first sub-chunk re-reads itself
     acc = {"d": d_d, "bias": d_bias}
     pending = []
 
@@ -397,26 +415,29 @@ def _gpu_bwd_kernel(cfg, in_names, out_names, *refs):
           r[name][pl.ds(t, len(pending)), :] = _stack_sum_d([pr[name] for pr in pending])
         pending.clear()
 
-    g, d_a = _backward_steps(cfg, _gpu_getter(cfg, r, base), _load_state(scr, q), g, d_a,
+    g, d_a = _backward_steps(cfg, _gpu_getter(cfg, r, base, pre), _load_state(scr, q), g, d_a,
                              p, sub, finish)
-    return g, d_a, acc["d"], acc["bias"]
+    return g, d_a, acc["d"], acc["bias"], nxt
 
   def chunk(kk, carry):
     k = n_chunks - 1 - kk
 
-    def save(q, h):
+    def save(q, carry1):
+      h, pre = carry1
+      base = k * cfg.chunk + q * sub
+      nxt = fetch1(jnp.minimum(base + sub, t_pad - sub))
       _store_state(scr, h, q)
-      return _advance(cfg, _gpu_getter(cfg, r, k * cfg.chunk + q * sub), h, p, sub)
+      return _advance(cfg, _gpu_getter(cfg, r, base, pre), h, p, sub), nxt
 
-    jax.lax.fori_loop(0, per_chunk, save, _load_state(r["ckpt"], k))
+    jax.lax.fori_loop(0, per_chunk, save, (_load_state(r["ckpt"], k), fetch1(k * cfg.chunk)))
     barrier()  # sub-chunk states written by all threads before any reads them
     carry = jax.lax.fori_loop(0, per_chunk, functools.partial(sub_chunk, k), carry)
     barrier()  # ... and read before the next chunk overwrites them
     return carry
 
   n = r["A"].shape[0]
-  init = (_load_state(r["dhT"]), _Cols([zeros] * n), zeros, zeros)
-  g, d_a, d_d, d_bias = jax.lax.fori_loop(0, n_chunks, chunk, init)
+  init = (_load_state(r["dhT"]), _Cols([zeros] * n), zeros, zeros, fetch2(t_pad - sub))
+  g, d_a, d_d, d_bias, _ = jax.lax.fori_loop(0, n_chunks, chunk, init)
   _store_state(r["dh0"], g)
   _store_state(r["dA"], d_a)
   if cfg.has_d:
@@ -858,9 +879,9 @@ _scan.defvjp(_scan_fwd, _scan_bwd)
 # Triton compile did not finish within the call's limit.
 _DEFAULTS = {  # backend -> block_d, chunk, sub_chunk, fwd_sub_chunk, num_warps, reduce_batch
     "tpu": dict(block_d=512, chunk=64, sub_chunk=8, fwd_sub_chunk=8, num_warps=4,
-                reduce_batch=1, prefetch=0),
+                reduce_batch=1, prefetch=0, bwd_prefetch=0),
     "gpu": dict(block_d=32, chunk=64, sub_chunk=4, fwd_sub_chunk=8, num_warps=1,
-                reduce_batch=2, prefetch=1),
+                reduce_batch=2, prefetch=1, bwd_prefetch=0),
 }
 
 
@@ -895,7 +916,7 @@ def selective_scan_pallas(x, dt, A, b, c, *, d_skip=None, z=None, dt_bias=None,
                           dt_softplus=True, initial_state=None, segment_ids=None,
                           backend=None, interpret=False, block_d=None, chunk=None,
                           sub_chunk=None, fwd_sub_chunk=None, num_warps=None,
-                          reduce_batch=None, prefetch=None):
+                          reduce_batch=None, prefetch=None, bwd_prefetch=None):
   """Fused selective scan (see the module docstring for the math).
 
   Args:
@@ -916,11 +937,11 @@ def selective_scan_pallas(x, dt, A, b, c, *, d_skip=None, z=None, dt_bias=None,
     block_d: channels per program (TPU: multiple of 128; GPU: power of 2).
     chunk: time steps per chunk = checkpoint spacing (multiple of 8; of 16 for
       16-bit inputs on TPU).
-    sub_chunk, fwd_sub_chunk, num_warps, reduce_batch, prefetch: tuning knobs:
-      steps per unrolled backward body (their states stay on chip; divides
-      chunk), steps per unrolled GPU forward body, GPU warps per program, GPU
-      backward steps per batched reduction over channels, GPU forward loads one
-      body ahead. None = per-backend defaults.
+    sub_chunk, fwd_sub_chunk, num_warps, reduce_batch, prefetch, bwd_prefetch:
+      tuning knobs: steps per unrolled backward body (their states stay on
+      chip; divides chunk), steps per unrolled GPU forward body, GPU warps per
+      program, GPU backward steps per batched reduction over channels, GPU
+      forward / backward loads one body ahead. None = per-backend defaults.
 
   Returns:
     (y [B, T, D] in x.dtype, final_state [B, D, N] float32).
@@ -930,7 +951,8 @@ def selective_scan_pallas(x, dt, A, b, c, *, d_skip=None, z=None, dt_bias=None,
   knobs = dict(_DEFAULTS[backend])
   for name, val in (("block_d", block_d), ("chunk", chunk), ("sub_chunk", sub_chunk),
                     ("fwd_sub_chunk", fwd_sub_chunk), ("num_warps", num_warps),
-                    ("reduce_batch", reduce_batch), ("prefetch", prefetch)):
+                    ("reduce_batch", reduce_batch), ("prefetch", prefetch),
+                    ("bwd_prefetch", bwd_prefetch)):
     if val is not None:
       knobs[name] = int(val)
   bsz, t, d = x.shape
@@ -958,7 +980,8 @@ def selective_scan_pallas(x, dt, A, b, c, *, d_skip=None, z=None, dt_bias=None,
       has_h0=initial_state is not None, has_seg=segment_ids is not None,
       softplus=bool(dt_softplus), interpret=bool(interpret), fwd_sub=fwd_sub,
       num_warps=knobs["num_warps"], red_batch=red_batch,
-      prefetch=backend == "gpu" and bool(knobs["prefetch"]))
+      prefetch=backend == "gpu" and bool(knobs["prefetch"]),
+      bwd_prefetch=backend == "gpu" and bool(knobs["bwd_prefetch"]))
   keep = None
   if segment_ids is not None:
     same = segment_ids[:, 1:] == segment_ids[:, :-1]
