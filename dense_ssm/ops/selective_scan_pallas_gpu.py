@@ -18,7 +18,7 @@ from dense_ssm.ops import selective_scan_pallas_steps as st
 
 
 def _load_state(ref, *idx):
-  """[N, bd] block -> st.Cols (one load, split in registers: few memory ops keep
+  """[N, bd] block -> Cols (one load, split in registers: few memory ops keep
   Triton's coalescing pass, quadratic in them, fast)."""
   tile = ref[idx + (slice(None), slice(None))].astype(st.F32)
   return st.Cols(v.reshape(v.shape[1:]) for v in jnp.split(tile, tile.shape[0], axis=0))
@@ -65,7 +65,7 @@ def _getter(cfg, r, base, pre=None):
   return get
 
 
-def _fetch(cfg, r, base, steps, names, on):
+def _fetch(r, base, steps, names, on):
   """Rows base .. base+steps-1 of `names` (raw dtype) for a getter's `pre`; {} when off.
 
   Issued one loop body ahead and carried in registers, so their memory latency
@@ -76,9 +76,9 @@ def _fetch(cfg, r, base, steps, names, on):
 
 
 def _stack_sum_d(prods):
-  """[S x st.Cols of N [bd] vectors] -> [S, N] sums over bd, in one (batched) reduction."""
-  st = _stack_last([v for pr in prods for v in pr])  # [bd, S * N], index s * N + n
-  return jnp.sum(st, axis=0).reshape(len(prods), len(prods[0]))
+  """[S x Cols of N [bd] vectors] -> [S, N] sums over bd, in one (batched) reduction."""
+  stacked = _stack_last([v for pr in prods for v in pr])  # [bd, S * N], index s * N + n
+  return jnp.sum(stacked, axis=0).reshape(len(prods), len(prods[0]))
 
 
 def fwd_kernel(cfg, in_names, out_names, *refs):
@@ -91,7 +91,7 @@ def fwd_kernel(cfg, in_names, out_names, *refs):
   # With cfg.prefetch the loop carries the next body's x, dt, z rows (the HBM
   # reads; b and c rows are shared by all channel blocks and come from L2), so
   # their latency overlaps this body's math instead of starting each body.
-  fetch = lambda base: _fetch(cfg, r, base, body, ("x", "dt", "z"), cfg.prefetch)
+  fetch = lambda base: _fetch(r, base, body, ("x", "dt", "z"), cfg.prefetch)
 
   def steps(k, q, carry):
     h, pre = carry
@@ -129,8 +129,8 @@ def bwd_kernel(cfg, in_names, out_names, *refs):
   # across chunks: the next chunk's pass 2 starts where this one's ends) x, dt,
   # dy and z.
   t_pad = r["x"].shape[0]
-  fetch1 = lambda base: _fetch(cfg, r, base, sub, ("x", "dt"), cfg.bwd_prefetch)
-  fetch2 = lambda base: _fetch(cfg, r, base, sub, ("x", "dt", "dy", "z"), cfg.bwd_prefetch)
+  fetch1 = lambda base: _fetch(r, base, sub, ("x", "dt"), cfg.bwd_prefetch)
+  fetch2 = lambda base: _fetch(r, base, sub, ("x", "dt", "dy", "z"), cfg.bwd_prefetch)
 
   def sub_chunk(k, qq, carry):
     q = per_chunk - 1 - qq
