@@ -8,8 +8,8 @@ m = 4) and a LLaMA-style Transformer of similar size (24 layers, H 2048, 16 head
 untied head: 1.34B). Params and compute in bfloat16; the recurrent states stay float32.
 
 What is timed is the generation loop itself (`dense_ssm.generate.decode_block`: one jitted
-program of N greedy decode steps, run in groups of known trip count), from a cache that holds C tokens of
-context. The SSM caches are constant-size, so their contents are filled by a real prefill of a
+program of N greedy decode steps, run in groups of known trip count), from a cache that holds C
+tokens of context. The SSM caches are constant-size, so their contents are filled by a real prefill of a
 short prompt; the Transformer's KV cache is allocated for C + N tokens with the first C marked
 valid (the decode-step cost is that of a real prefilled cache of length C; a real 32K prefill is
 not needed to time decoding).

@@ -13,8 +13,9 @@ How it runs. Prompts of different lengths are left-padded into one [B, T] batch,
 segment 0 and prompt tokens in segment 1, so every row's state starts at its own first token and
 its positions restart there. One jitted `start` runs the prefill (the model's chunkwise or kernel
 mode) and samples the first token; then jitted `blocks` each run up to `block_size` decode steps
-on the device (no host round trip per token), ending early once every row has emitted EOS. Sampling key of token i = fold_in(PRNGKey(seed), i), so the output does not depend
-on the block size.
+on the device (no host round trip per token), ending early once every row has emitted EOS.
+Sampling key of token i = fold_in(PRNGKey(seed), i), so the output does not depend on the block
+size.
 
 Keeping the device busy. Inside a block, steps run in groups of `SYNC_EVERY` as a loop of static
 trip count: XLA runs such a loop without copying a loop predicate back to the host after every
@@ -22,10 +23,11 @@ step, so the host enqueues the next steps while the device still runs the curren
 predicate read per step would leave the device idle while the host launches each step's
 kernels). The early-stop predicate is read once per group. Likewise greedy decoding is a static
 choice (argmax, no `lax.cond` to resolve on the host at each step) whenever the temperature is
-known to be 0 when the loop is built; the exported artifact keeps a traced choice. Streaming prints the text of each finished block: the host is involved once
-per block, not once per token (a `jax.debug.callback` per token would synchronise the device
-with the host at every step and serialise the loop). Without streaming, one block covers all
-tokens.
+known to be 0 when the loop is built; the exported artifact keeps a traced choice.
+
+Streaming prints the text of each finished block: the host is involved once per block, not once
+per token (a `jax.debug.callback` per token would synchronise the device with the host at every
+step and serialise the loop). Without streaming, one block covers all tokens.
 
 Sampling (`temperature`, `top_k`, `top_p`) is traced from runtime scalars: changing them does
 not recompile (switching between greedy, temperature 0, and sampling compiles each once).

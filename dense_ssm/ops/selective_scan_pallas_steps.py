@@ -79,8 +79,8 @@ def softplus(cfg, v):
   On GPU through exp2 / log2 (single MUFU instructions): libdevice's log1pf
   branches, and a branch per step splits the unrolled body into basic blocks
   that the compiler cannot hoist the next step's loads across (one memory
-  latency per step: 1.5 us on the H200, benchmarks/RESULTS.md). log(1 + e) for e < 2^-24 rounds to 0, an
-  absolute error below 6e-8.
+  latency per step: 1.5 us on the H200, benchmarks/RESULTS.md). log(1 + e) for
+  e < 2^-24 rounds to 0, an absolute error below 6e-8.
   """
   if cfg.backend == "tpu":
     return jnp.maximum(v, 0.0) + jnp.log1p(jnp.exp(-jnp.abs(v)))
