@@ -205,14 +205,17 @@ def bench_retention(quick=False, shapes=None):
 
     variants = dict(RETENTION_VARIANTS)
     # Run at every shape: the other side of the chunk-product pre-pass switch, and at the wide
-    # heads (fewer than 3 pipeline stages, see retention_pallas_gpu.pipeline_stages) the other of
-    # 1 and 2 stages (2 stages hold about 190-225 KB of shared memory, near the 227 KiB limit).
+    # heads (fewer than 3 pipeline stages, see retention_pallas_gpu.pipeline_stages) all kernels
+    # at 1 and at 2 stages where that differs from the default (2 stages hold about 190-225 KB of
+    # shared memory, near the 227 KiB limit).
     tiles = choose_tiles(dk, dv, b * h)
     flip = not tiles.precompute
     shape_variants = {f"precompute_{'on' if flip else 'off'}": dict(tuning=(("precompute", flip),))}
-    if tiles.fwd_stages < 3:
-      other = 3 - tiles.fwd_stages
-      shape_variants[f"stages{other}_wide"] = dict(tuning=(("num_stages", other),))
+    default_stages = {tiles.fwd_stages, tiles.dv_stages, tiles.dqk_stages}
+    if max(default_stages) < 3:
+      for n in (1, 2):
+        if default_stages != {n}:
+          shape_variants[f"stages{n}_all"] = dict(tuning=(("num_stages", n),))
     variants.update(shape_variants)
     impls = {}
     for vname, var in variants.items():
@@ -230,9 +233,13 @@ def bench_retention(quick=False, shapes=None):
     # Correctness first: float32 reference (chunkwise form on float32 inputs, exact matmuls).
     q, k, v, do, ld = sets[0]
     f32 = lambda *xs: [x.astype(jnp.float32) for x in xs]
+    t_shape = time.perf_counter()
+    wall = lambda: f"(at {time.perf_counter() - t_shape:.0f} s)"  # pylint: disable=unnecessary-lambda-assignment
     with jax.default_matmul_precision("float32"):
       ref_fwd, ref_fb = jax_fns(lambda q, k, v, ld: retention(q, k, v, ld, impl="chunkwise"))
       ref = [ref_fwd(*f32(q, k, v, do), ld)] + list(ref_fb(*f32(q, k, v, do), ld))
+    jax.block_until_ready(ref)
+    print(f"  float32 reference done {wall()}", flush=True)
 
     results = {}
     for iname, (fwd, fb) in impls.items():
@@ -246,7 +253,7 @@ def bench_retention(quick=False, shapes=None):
       if res is not None:
         results[iname] = res
         print(f"  {iname:24s} fwd {res[1]:8.3f} ms  fwd+bwd {res[2]:8.3f} ms  err o/dq/dk/dv "
-              + "/".join(f"{e:.1e}" for e in res[0]), flush=True)
+              + "/".join(f"{e:.1e}" for e in res[0]) + f" {wall()}", flush=True)
 
     if chunk_retention is not None and _wanted("fla_chunk_retention"):
       def fla_run():
@@ -266,7 +273,7 @@ def bench_retention(quick=False, shapes=None):
       if res is not None:
         results["fla_chunk_retention"] = res
         print(f"  {'fla_chunk_retention':24s} fwd {res[1]:8.3f} ms  fwd+bwd {res[2]:8.3f} ms  "
-              "err o/dq/dk/dv " + "/".join(f"{e:.1e}" for e in res[0]), flush=True)
+              "err o/dq/dk/dv " + "/".join(f"{e:.1e}" for e in res[0]) + f" {wall()}", flush=True)
 
     anchor = results.get("fla_chunk_retention")
     for iname, (errs, ms_f, ms_fb) in results.items():

@@ -219,11 +219,10 @@ def main():
   reps = 10 if args.quick else 30
   if args.sweep:
     configs = json.loads(args.configs) if args.configs else [
-        # The default (block_d 32 / 1 warp, 8-step forward bodies with prefetch) and its untimed
-        # neighbours: backward prefetch (255 registers, 120 B spilled vs 72 B without, static
-        # check), half-warp programs, and last 16-step forward bodies with prefetch (their
-        # Triton compile ran past a 190 s call on the H200).
-        {}, {"bwd_prefetch": 1}, {"block_d": 16, "num_warps": 1}, {"fwd_sub_chunk": 16},
+        # The default (block_d 32 / 1 warp, 8-step forward bodies, prefetch in both passes) and
+        # its neighbours: no backward prefetch, half-warp programs, and last 16-step forward
+        # bodies with prefetch (their Triton compile takes ~70 s on the H200).
+        {}, {"bwd_prefetch": 0}, {"block_d": 16, "num_warps": 1}, {"fwd_sub_chunk": 16},
     ]
     sweep = []
     for kw in configs:

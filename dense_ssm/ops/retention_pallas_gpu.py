@@ -95,15 +95,17 @@ def pipeline_stages(widths, chunk, itemsize):
   Triton's software pipeliner keeps num_stages copies of each such tile in shared memory, about
   num_stages * chunk * sum(widths) * itemsize bytes (the compiled kernels hold 0.8x-1.1x that, at
   most 18 KB more; benchmarks/gpu_kernel_resources.py reads the real number). Three stages
-  (measured fastest at the (128, 256) heads) when they fit; else two when they fit with a 15%
-  margin (at the 1.3B heads, 320 x 1280, two stages ran the fwd+bwd in 4.05 ms against 4.81 ms
-  unpipelined on the H200, benchmarks/RESULTS.md); else one (the 350M heads' kernels load q and k
-  over all of d_k, or v and do over a 512-wide value group, per chunk: 220-290 KB at two stages).
+  (measured fastest at the (128, 256) heads) when they fit; else two when they fit with a 4%
+  margin; else one. On the H200 two stages beat one at the 1.3B heads (320 x 1280: fwd+bwd 4.05
+  vs 4.81 ms) and at the 350M heads (384 x 1536, all kernels: 3.02 vs 4.96 ms; there the forward
+  and dv kernels estimate 221 KB and compile to 225.5 KB). Every kernel this rule gives two stages
+  for d_k <= 384, d_v <= 1536 compiles to <= 225.5 KB with triton 3.6 (gpu_kernel_resources.py);
+  the dq/dk kernels of the 350M heads (estimate 287 KB, compiled 221 KB) stay at one.
   """
   need = chunk * sum(widths) * itemsize
   if _STAGES * need <= SHARED_MEMORY_LIMIT:
     return _STAGES
-  return 2 if 2 * need <= 0.85 * SHARED_MEMORY_LIMIT else 1
+  return 2 if 2 * need <= 0.96 * SHARED_MEMORY_LIMIT else 1
 
 
 def choose_tiles(dk, dv, batch_heads=None, tuning=(), chunk=64, itemsize=2):
