@@ -26,6 +26,7 @@ def test_model_with_pallas_kernel_matches_xla(name):
 
 
 def test_pallas_runs_per_batch_shard_under_a_mesh():
+  """Sharded over (data, fsdp) when the batch divides; whole on every device when not."""
   script = textwrap.dedent("""
       import os
       os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
@@ -52,6 +53,11 @@ def test_pallas_runs_per_batch_shard_under_a_mesh():
       assert float(jnp.abs(o - ref_o).max()) < 1e-4
       assert float(jnp.abs(s - ref_s).max()) < 1e-4
       assert o.sharding.spec == P(axes), o.sharding
+      # One row (model.init's input): the 4 batch shards cannot split it; it runs whole.
+      with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
+        o1, s1 = f(q[:1], k[:1], v[:1])
+      assert float(jnp.abs(o1 - ref_o[:1]).max()) < 1e-4
+      assert float(jnp.abs(s1 - ref_s[:1]).max()) < 1e-4
       print("OK")
   """)
   out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True,

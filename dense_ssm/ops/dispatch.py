@@ -39,12 +39,20 @@ def batch_sharded(fn: Callable, args: Sequence, batched: Sequence[bool], batch_a
   """fn(*args) on per-device batch shards when a mesh is active and `batch_axes` is set.
 
   args may contain None (passed through). `batched[i]` says whether args[i] has the batch as its
-  leading dimension (else it is replicated). Every output is batched.
+  leading dimension (else it is replicated). Every output is batched. A batch that the mesh axes
+  do not divide (e.g. the one-row input of `model.init`, or batch-1 generation on several
+  devices) runs whole on every device.
   """
   mesh = jax.sharding.get_abstract_mesh()
   if not batch_axes or mesh.empty or mesh.size == 1:
     return fn(*args)
   present = [i for i, a in enumerate(args) if a is not None]
+  axes = (batch_axes,) if isinstance(batch_axes, str) else tuple(batch_axes)
+  shards = 1
+  for a in axes:
+    shards *= mesh.shape[a]
+  batch = next(args[i].shape[0] for i in present if batched[i])
+  spec = P(batch_axes) if batch % shards == 0 else P()
 
   def inner(*xs):
     full = list(args)
@@ -52,7 +60,6 @@ def batch_sharded(fn: Callable, args: Sequence, batched: Sequence[bool], batch_a
       full[i] = x
     return fn(*full)
 
-  spec = P(batch_axes)
   in_specs = tuple(spec if batched[i] else P() for i in present)
   out_specs = (spec,) * num_outputs
   # check_vma=False: the Pallas interpreter (CPU tests) does not track varying axes. Replicated
