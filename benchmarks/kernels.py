@@ -111,8 +111,9 @@ RETENTION_VARIANTS = {
     "bwd8k_w4": dict(tuning=(("bwd_budget", 8192), ("bwd_warps", 4))),
     "stages2": dict(tuning=(("num_stages", 2),)),
     "chunk32": dict(chunk_size=32),
+    "chunk128": dict(chunk_size=128),  # the paper RetNet configs' model.chunk_size
 }
-RETENTION_VARIANTS_ALL_SHAPES = ("fwd16k_w8",)  # the others only at the first shape
+RETENTION_VARIANTS_ALL_SHAPES = ("fwd16k_w8", "chunk128")  # the others only at the first shape
 
 
 def _retention_cost(b, t, h, dk, dv, c=64):
