@@ -249,8 +249,8 @@ def _auto_impl(dk: int, dv: int) -> str:
 
   GPU: the kernels compile within the H100/H200 shared-memory limit up to the paper's widest heads
   (d_k 384, d_v 1536; checked without a GPU by benchmarks/gpu_kernel_resources.py). Timed on the
-  H200 at the (128, 256), (128, 128) and 1.3B (320, 1280) heads: 3.4-4.9x faster fwd+bwd than the
-  chunkwise form (benchmarks/RESULTS.md); the 350M heads (384, 1536) are not timed yet.
+  H200 at the (128, 256), (128, 128), 350M (384, 1536) and 1.3B (320, 1280) heads: 3.2-5.8x
+  faster fwd+bwd than the chunkwise form at chunk 64 (benchmarks/RESULTS.md).
   """
   from dense_ssm.ops.dispatch import accelerator  # pylint: disable=g-import-not-at-top
   kind = accelerator()
