@@ -151,6 +151,8 @@ def test_gpu_tile_choice():
     assert (t.fwd_stages, t.dv_stages, t.dqk_stages, t.precompute) == stages + (True,)
     assert gpu.supports(dk, dv)
   assert gpu.choose_tiles(128, 256, 64, itemsize=4).fwd_stages == 2  # float32 tiles are 2x wider
+  # Chunk 128 (the paper RetNet configs): two-stage dk compiles to 239 KB there, over the limit.
+  assert gpu.choose_tiles(128, 256, 64, chunk=128).dqk_stages == 1
   assert gpu.choose_tiles(320, 1280, tuning=(("num_stages", 2),)).dqk_stages == 2
   assert not gpu.supports(512, 1536) and not gpu.supports(384, 2048)
 

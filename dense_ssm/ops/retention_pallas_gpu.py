@@ -83,7 +83,7 @@ _MIN_PROGRAMS = 128
 _PRECOMPUTE_TILES = 8
 # Shared memory one program may use on an H100 / H200 (227 KiB; the Hopper opt-in maximum).
 SHARED_MEMORY_LIMIT = 232448
-_DQK_TWO_STAGE_FILL = 1.25  # see pipeline_stages
+_DQK_TWO_STAGE_FILL = 1.3  # see pipeline_stages
 # Largest padded head dims (d_k, d_v) whose kernels were compiled for sm_90 and checked by
 # benchmarks/gpu_kernel_resources.py: every kernel within the shared-memory limit for d_k in 16..384
 # and d_v in 32..1536 (bf16; register spills <= 470 B: two-stage dq / dk kernels with a 16-32
@@ -91,27 +91,28 @@ _DQK_TWO_STAGE_FILL = 1.25  # see pipeline_stages
 MAX_HEAD_DIMS = (384, 1536)
 
 
-def pipeline_stages(widths, chunk, itemsize, two_stage_fill=0.96):
+def pipeline_stages(widths, chunk, itemsize, two_stage_fill=1.0):
   """num_stages of a chunk loop that loads [chunk, w] matmul operands, w in `widths`, per chunk.
 
-  Triton's software pipeliner keeps num_stages copies of each such tile in shared memory, about
-  num_stages * chunk * sum(widths) * itemsize bytes (the compiled kernels hold 0.8x-1.1x that, at
-  most 18 KB more; benchmarks/gpu_kernel_resources.py reads the real number). Three stages
-  (measured fastest at the (128, 256) heads) when they fit; else two when the two-stage estimate
-  is at most `two_stage_fill` of the limit; else one. On the H200 two stages beat one at the 1.3B
-  heads (320 x 1280: fwd+bwd 4.05 vs 4.81 ms) and at the 350M heads (384 x 1536: 3.04 vs 4.94 ms
-  all kernels; 4.45 ms with two stages for the forward and dv kernels only). The forward and dv
-  kernels compile to about the estimate (221 KB -> 225.5 KB there): fill 0.96. The dq / dk
-  kernels compile to less when the estimate is over the limit (287 KB -> 221 KB at the 350M
-  heads: Triton's pipeliner leaves an operand single-buffered), so they use _DQK_TWO_STAGE_FILL.
-  Every kernel these rules give two stages within MAX_HEAD_DIMS compiles to <= 225.5 KB with
-  triton 3.6 (benchmarks/gpu_kernel_resources.py; for dq / dk all 7 tile configurations that
-  the larger fill admits were checked).
+  Triton's software pipeliner keeps num_stages copies of each such tile in shared memory,
+  num_stages * chunk * sum(widths) * itemsize bytes, and the compiled kernels hold up to about
+  one [chunk, chunk] bf16 tile more (measured with benchmarks/gpu_kernel_resources.py: 0.5-6 KB
+  more at chunk 64, 20-30 KB at chunk 128; float32 inputs need less than their estimate). Three
+  stages (measured fastest at the (128, 256) heads) when they fit; else two when they fit within
+  `two_stage_fill` of the limit; else one. On the H200 two stages beat one at the 1.3B heads
+  (320 x 1280, chunk 64: fwd+bwd 4.05 vs 4.81 ms) and at the 350M heads (384 x 1536, chunk 64:
+  3.04 vs 4.94 ms all kernels; 4.45 ms with two stages for the forward and dv kernels only).
+  The dq / dk kernels compile to less than the estimate when it is over the limit (287 KB ->
+  221 KB at the 350M heads: the pipeliner leaves an operand single-buffered), which was checked
+  at chunk 64 only: there they use _DQK_TWO_STAGE_FILL. Every kernel configuration these rules
+  give two or three stages within MAX_HEAD_DIMS, at chunk 64 and 128, bf16 and float32, whose
+  estimate is over 85% of the limit was compiled with triton 3.6: all fit.
   """
   need = chunk * sum(widths) * itemsize
-  if _STAGES * need <= SHARED_MEMORY_LIMIT:
+  extra = 2 * chunk * chunk
+  if _STAGES * need + extra <= SHARED_MEMORY_LIMIT:
     return _STAGES
-  return 2 if 2 * need <= two_stage_fill * SHARED_MEMORY_LIMIT else 1
+  return 2 if 2 * need + extra <= two_stage_fill * SHARED_MEMORY_LIMIT else 1
 
 
 def choose_tiles(dk, dv, batch_heads=None, tuning=(), chunk=64, itemsize=2):
@@ -149,14 +150,14 @@ def choose_tiles(dk, dv, batch_heads=None, tuning=(), chunk=64, itemsize=2):
 
   # Matmul operands each kernel loads per chunk: [C, width] tiles (plus the pre-pass's [C, C]).
   pre = [chunk] if precompute else []
-  stages = lambda *widths, fill=0.96: opts.get("num_stages") or pipeline_stages(
+  stages = lambda *widths, fill=1.0: opts.get("num_stages") or pipeline_stages(
       list(widths) + pre, chunk, itemsize, fill)
   return Tiles(sub_k=sub_k, fwd_block_v=fwd_block_v, fwd_warps=opts.get("fwd_warps", _FWD_WARPS),
                fwd_stages=stages(dk, dk, fwd_block_v),            # q, k, v
                block_v=block_v, dv_stages=stages(dk, dk, block_v),  # q, k, do
                block_k=block_k, group_v=group_v, sub_v=min(sub_v, group_v),
                dqk_stages=stages(block_k, group_v, group_v,       # k | q, v, do
-                                 fill=_DQK_TWO_STAGE_FILL),
+                                 fill=_DQK_TWO_STAGE_FILL if chunk <= 64 else 1.0),
                bwd_warps=opts.get("bwd_warps", _BWD_WARPS), precompute=precompute)
 
 
