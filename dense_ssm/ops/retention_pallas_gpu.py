@@ -86,8 +86,8 @@ SHARED_MEMORY_LIMIT = 232448
 _DQK_TWO_STAGE_FILL = 1.3  # see pipeline_stages
 # Largest padded head dims (d_k, d_v) whose kernels were compiled for sm_90 and checked by
 # benchmarks/gpu_kernel_resources.py: every kernel within the shared-memory limit for d_k in 16..384
-# and d_v in 32..1536 (bf16; register spills <= 470 B: two-stage dq / dk kernels with a 16-32
-# wide d_k block; the measured (128, 256) backward spills 4 B).
+# and d_v in 32..1536 (bf16 register spills at chunk 64 <= 470 B: two-stage dq / dk kernels with a
+# 16-32 wide d_k block; at chunk 128 up to 1.3 KB; the measured (128, 256) backward spills 4 B).
 MAX_HEAD_DIMS = (384, 1536)
 
 
