@@ -319,7 +319,7 @@ def bench_selective_scan(quick=False, shapes=None):
       f, fb = by.get((impl, "fwd")), by.get((impl, "fwd+bwd"))
       if not (f or fb):
         continue
-      get = lambda r, key: r[key] if r else None
+      get = lambda r, field: r[field] if r else None
       ratio = lambda r, m: r["ms"] / anchor[m]["ms"] if r and anchor[m] else None  # pylint: disable=cell-var-from-loop
       rows.append(dict(
           op="selective_scan", shape="B{} T{} D{} N{}".format(*shape), impl=impl,

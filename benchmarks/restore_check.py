@@ -1,7 +1,8 @@
 """Checkpoint portability: a train state saved on n devices restores on other device sets (one
 GPU, the CPU, another mesh) and the next step gives the same loss.
 
-    python benchmarks/restore_check.py save --config configs/retnet_1b3.py --mesh fsdp=-1 --ckpt DIR
+    python benchmarks/restore_check.py save --config configs/default.py --batch 8 --seq 512 \
+        --steps 3 --mesh fsdp=-1 --ckpt DIR
     CUDA_VISIBLE_DEVICES=0 python benchmarks/restore_check.py restore --ckpt DIR --out OUT
     JAX_PLATFORMS=cpu python benchmarks/restore_check.py restore --ckpt DIR --out OUT
 
@@ -31,20 +32,14 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import train_throughput as tt  # pylint: disable=g-import-not-at-top,wrong-import-position
-from dense_ssm import checkpoint, models, optim, sharding, train_step  # pylint: disable=wrong-import-position
+from dense_ssm import checkpoint  # pylint: disable=wrong-import-position
 
 
 def batch_at(step: int, batch: int, seq: int, vocab: int, mesh) -> dict:
   """The fixed batch of a step (the same on every device set): rows of a random period-16
   pattern, which the model learns within a few steps, so that the loss moves."""
-  rng = np.random.default_rng(1000 + step)
-  pattern = rng.integers(0, vocab, (batch, 16))
-  tokens = np.tile(pattern, (1, seq // 16 + 2))[:, :seq + 1].astype(np.int32)
-  return sharding.global_batch({
-      "inputs": tokens[:, :-1], "targets": tokens[:, 1:],
-      "segment_ids": np.ones((batch, seq), np.int32),
-      "positions": np.tile(np.arange(seq, dtype=np.int32), (batch, 1)),
-      "weights": np.ones((batch, seq), np.float32)}, mesh)
+  pattern = np.random.default_rng(1000 + step).integers(0, vocab, (batch, 16))
+  return tt.token_batch(np.tile(pattern, (1, seq // 16 + 2))[:, :seq + 1], mesh)
 
 
 def fingerprint(state) -> str:
@@ -56,14 +51,8 @@ def fingerprint(state) -> str:
 
 
 def build(run: dict, mesh_spec: str):
-  config = tt.load_config(run["config"], run["set"])
-  config.train.batch_size, config.data.seq_len = run["batch"], run["seq"]
-  cfg = models.ModelConfig.from_dict(config.model.to_dict())
-  mesh = sharding.make_mesh(tt.parse_mesh(mesh_spec))
-  sharding.check_batch_divisible(run["batch"], mesh, jax.process_count())
-  tx, schedule = optim.make_optimizer(config.train)
-  fns = train_step.build(models.build_model(cfg), tx, schedule, mesh, seq_len=run["seq"])
-  return fns, cfg, mesh
+  return tt.build_step(tt.load_config(run["config"], run["set"]), run["batch"], run["seq"],
+                       tt.parse_mesh(mesh_spec))
 
 
 def save(args) -> None:

@@ -84,8 +84,13 @@ def load_config(spec: str, sets: list[str]):
 
 
 def random_batch(batch: int, seq: int, vocab: int, mesh) -> dict:
-  rng = np.random.default_rng(0)
-  tokens = rng.integers(0, vocab, (batch, seq + 1)).astype(np.int32)
+  return token_batch(np.random.default_rng(0).integers(0, vocab, (batch, seq + 1)), mesh)
+
+
+def token_batch(tokens, mesh) -> dict:
+  """A train batch placed on `mesh` from [batch, seq + 1] token ids: one document per row."""
+  tokens = np.asarray(tokens, np.int32)
+  batch, seq = tokens.shape[0], tokens.shape[1] - 1
   return sharding.global_batch({
       "inputs": tokens[:, :-1], "targets": tokens[:, 1:],
       "segment_ids": np.ones((batch, seq), np.int32),
@@ -114,8 +119,8 @@ def mesh_name(mesh) -> str:
   return ",".join(f"{a}={n}" for a, n in mesh.shape.items() if n > 1) or "1 device"
 
 
-def compile_step(config, batch: int, seq: int, mesh_cfg=None, devices=None):
-  """(compiled step, StepFns, ModelConfig, mesh, memory report) at one global batch size, on
+def build_step(config, batch: int, seq: int, mesh_cfg=None, devices=None):
+  """(StepFns, ModelConfig, mesh) of `dense_ssm.train`'s step at one global batch size, on
   `devices` (default: all) under `mesh_cfg` (default: data parallel)."""
   config.train.batch_size = batch
   config.data.seq_len = seq
@@ -125,6 +130,12 @@ def compile_step(config, batch: int, seq: int, mesh_cfg=None, devices=None):
   tx, schedule = optim.make_optimizer(config.train)
   fns = train_step.build(models.build_model(cfg), tx, schedule, mesh, seq_len=seq,
                          grad_accum=config.train.grad_accum)
+  return fns, cfg, mesh
+
+
+def compile_step(config, batch: int, seq: int, mesh_cfg=None, devices=None):
+  """(compiled step, StepFns, ModelConfig, mesh, memory report) at one global batch size."""
+  fns, cfg, mesh = build_step(config, batch, seq, mesh_cfg, devices)
   compiled = fns.train_step.lower(fns.abstract_state,
                                   sharding.abstract_batch(batch, seq, mesh)).compile()
   return compiled, fns, cfg, mesh, train_log.memory_report(compiled)

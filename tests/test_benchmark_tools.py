@@ -1,4 +1,5 @@
-"""benchmarks/profile_trace.py: the device-time summary of a Perfetto trace."""
+"""Benchmark helpers: profile_trace.py's device-time summary of a Perfetto trace, and the mesh
+and scaling bookkeeping of train_throughput.py."""
 
 import gzip
 import importlib.util
@@ -8,10 +9,9 @@ import os
 import pytest
 
 
-def _load():
-  path = os.path.join(os.path.dirname(os.path.dirname(__file__)), "benchmarks",
-                      "profile_trace.py")
-  spec = importlib.util.spec_from_file_location("profile_trace", path)
+def _load(name="profile_trace"):
+  path = os.path.join(os.path.dirname(os.path.dirname(__file__)), "benchmarks", f"{name}.py")
+  spec = importlib.util.spec_from_file_location(name, path)
   mod = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(mod)
   return mod
@@ -46,3 +46,17 @@ def test_summary_without_device_events_says_so(tmp_path):
   path.write_text(json.dumps([{"ph": "X", "pid": 1, "ts": 0, "dur": 1, "name": "a"}]))
   with pytest.raises(ValueError, match="no device events"):
     mod.summarize(str(path))
+
+
+def test_train_throughput_mesh_parsing_and_scaling_efficiency():
+  tt = _load("train_throughput")
+  assert tt.parse_mesh("fsdp=-1") == {"data": 1, "fsdp": -1, "tensor": 1}
+  assert tt.parse_mesh("data=2,fsdp=4") == {"data": 2, "fsdp": 4, "tensor": 1}
+  with pytest.raises(SystemExit, match="expected AXIS=SIZE"):
+    tt.parse_mesh("pipeline=2")
+  rows = [{"config": "a", "devices": 1, "tokens_per_s_per_device": 100.0},
+          {"config": "a", "devices": 2, "tokens_per_s_per_device": 95.0},
+          {"config": "b", "devices": 2, "tokens_per_s_per_device": 50.0},  # no 1-device row
+          {"config": "a", "error": "does not fit"}]
+  tt.add_scaling(rows)
+  assert [r.get("scaling_efficiency") for r in rows] == [1.0, 0.95, None, None]
