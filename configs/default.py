@@ -26,7 +26,7 @@ def get_config(arg=None):
                                         ffn_act="gelu", dense={"layers": 0}, **small)
   elif variant in ("mamba", "dense_mamba"):
     c.model = config_lib.model_defaults(
-        family="mamba", tie_embeddings=True,
+        family="mamba", tie_embeddings=True, norm_eps=1e-5,
         dense={"layers": 4 if variant == "dense_mamba" else 0, "r_k": 8, "r_v": 8}, **small)
   else:
     c.model = config_lib.model_defaults(family="transformer", ffn_dim=512, dense={"layers": 0},

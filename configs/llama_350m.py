@@ -1,4 +1,4 @@
-"""Transformer baseline LLaMA-350M of the paper's comparison tables (SPEC sections 7, 8)."""
+"""Transformer baseline LLaMA-350M of the paper's comparison tables (docs/model.md)."""
 
 from dense_ssm import config_lib
 

@@ -1,4 +1,4 @@
-"""DenseMamba-1.3B (SPEC sections 7, 8). Variants: dense (default, m = 4) | plain (Mamba) | state.
+"""DenseMamba-1.3B (docs/model.md). Variants: dense (default, m = 4) | plain (Mamba) | state.
 
   python -m dense_ssm.train --config=configs/mamba_1b3.py
   python -m dense_ssm.train --config=configs/mamba_1b3.py:plain

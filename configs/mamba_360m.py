@@ -1,4 +1,4 @@
-"""DenseMamba-360M (SPEC sections 7, 8). Variants: dense (default, m = 4) | plain (Mamba) | state.
+"""DenseMamba-360M (docs/model.md). Variants: dense (default, m = 4) | plain (Mamba) | state.
 
   python -m dense_ssm.train --config=configs/mamba_360m.py
   python -m dense_ssm.train --config=configs/mamba_360m.py:plain

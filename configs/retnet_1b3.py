@@ -1,4 +1,4 @@
-"""DenseRetNet-1.3B (SPEC sections 1-5, 8). Variants: dense (default) | gau | ffn | released.
+"""DenseRetNet-1.3B (docs/model.md). Variants: dense (default) | gau | ffn | released.
 
   python -m dense_ssm.train --config=configs/retnet_1b3.py            # DenseRetNet
   python -m dense_ssm.train --config=configs/retnet_1b3.py:gau        # m = 0 GAU RetNet baseline

@@ -56,7 +56,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.max_chars = 0  # 0: no cap on the characters read from the source
   c.data.num_workers = 0  # grain mp_prefetch worker processes; 0: tokenize in this process
 
-  # Training (dense_ssm/train.py): SPEC section 8 recipe.
+  # Training (dense_ssm/train.py): the paper's recipe (docs/model.md, 'Training recipe').
   c.train = ml_collections.ConfigDict()
   c.train.seed = 0
   c.train.batch_size = 16  # global batch, in sequences
@@ -95,7 +95,7 @@ __all__ = ["base_config", "model_defaults", "model_dict", "check_model_config", 
            "mamba_model", "retnet_config", "mamba_config", "transformer_config"]
 
 
-# --- Paper models (SPEC section 8). Each configs/*.py file picks one row and a variant. ---
+# --- Paper models (docs/model.md). Each configs/*.py file picks one row and a variant. ---
 
 PAPER_TOKENS = 15_000_000_000
 PAPER_SEQ_LEN = 2048
@@ -117,7 +117,7 @@ DENSE_RATIOS = {"350m": (8, 32), "1b3": (16, 8)}  # released checkpoints' (r_k, 
 
 
 def paper_recipe(c: ml_collections.ConfigDict, *, lr: float, b2: float):
-  """SPEC section 8: AdamW, wd 0.01, clip 1.0, 1.5% warm-up then linear decay, seq 2048,
+  """The paper's recipe: AdamW, wd 0.01, clip 1.0, 1.5% warm-up then linear decay, seq 2048,
   0.5M-token batches, 15B tokens. The paper's corpus is not bundled: data.source is left empty,
   and the trainer says so and falls back to the embedded data."""
   c.data.source = ""
@@ -135,7 +135,7 @@ def paper_recipe(c: ml_collections.ConfigDict, *, lr: float, b2: float):
 
 
 def paper_model(d: dict, *, dropout: float) -> dict:
-  """The paper recipe's model fields (SPEC section 8): dropout, 2048 positions, bf16 compute
+  """The paper recipe's model fields (docs/model.md): dropout, 2048 positions, bf16 compute
   with float32 params."""
   d.update(dropout=dropout, max_len=PAPER_SEQ_LEN, dtype="bfloat16", param_dtype="float32")
   return d
@@ -149,6 +149,39 @@ def _parse_variant(arg, allowed, default):
   return variant
 
 
+# The paper's DenseRetNet ablations (docs/ablations.md): variant -> overrides of the default
+# dense connection (m = 2, identity projection, MLP gate shared by the sources, add, every layer).
+RETNET_ABLATIONS = {
+    # Projection x select (m = 2, add). "none": no selective transition at all (identity
+    # projection, no gate): the m sources are added as they are, then normalised.
+    "none": {"select": "none"},
+    "id_mlp": {},  # the default
+    "id_linear": {"select": "linear"},
+    "lin_mlp": {"projection": "linear"},
+    "lin_linear": {"projection": "linear", "select": "linear"},
+    # Dense depth m, and a separate gate per source ("diff. gates").
+    "m1": {"layers": 1},
+    "m4": {"layers": 4},
+    "m2_diffgates": {"gates": "per_source"},
+    "m4_diffgates": {"layers": 4, "gates": "per_source"},
+    # Concatenation, reduced by per-channel weights over the m + 1 inputs.
+    "concat": {"fusion": "concat", "concat_merge": "channel"},
+    # Dense connection only in every k-th layer, gate widths enlarged (matched_gate_width).
+    "every2": {"every": 2},
+    "every4": {"every": 4},
+}
+RETNET_VARIANTS = ("dense", "gau", "ffn", "released", *RETNET_ABLATIONS)
+
+
+def matched_gate_width(size: str, every: int, ratio: int) -> int:
+  """Gate MLP inner width that keeps the gates' total parameter count of the every-layer model
+  when only layers l % every == 0 own a gate. One gate holds H*w + w*width parameters, linear in
+  w, so w grows by the ratio of owning layers: w = (H / r) * L / ceil(L / every), rounded."""
+  layers, hidden = RETNET_SIZES[size][:2]
+  owning = len(range(0, layers, every))
+  return round(hidden // ratio * layers / owning)
+
+
 def retnet_model(size: str, variant: str = "dense") -> dict:
   """The model section of `retnet_config(size, variant)` as a plain dict."""
   if variant == "ffn":
@@ -158,9 +191,13 @@ def retnet_model(size: str, variant: str = "dense") -> dict:
   else:
     layers, hidden, qk, heads = RETNET_SIZES[size]
     r_k, r_v = DENSE_RATIOS[size] if variant == "released" else (32, 32)
+    dense = {"layers": 0 if variant == "gau" else 2, "r_k": r_k, "r_v": r_v}
+    dense.update(RETNET_ABLATIONS.get(variant, {}))
+    if dense.get("every", 1) > 1:
+      dense["gate_width_k"] = matched_gate_width(size, dense["every"], r_k)
+      dense["gate_width_v"] = matched_gate_width(size, dense["every"], r_v)
     d = model_dict(family="dense_retnet", num_layers=layers, hidden_size=hidden, qk_dim=qk,
-                   num_heads=heads, dense={"layers": 0 if variant == "gau" else 2, "r_k": r_k,
-                                           "r_v": r_v})
+                   num_heads=heads, dense=dense)
   d["chunk_size"] = 128
   return paper_model(d, dropout=0.1)
 
@@ -170,16 +207,16 @@ def mamba_model(size: str, variant: str = "dense") -> dict:
   layers, hidden = MAMBA_SIZES[size]
   return paper_model(model_dict(
       family="mamba", num_layers=layers, hidden_size=hidden, state_dim=16, expand=2,
-      conv_width=4, tie_embeddings=True,
+      conv_width=4, tie_embeddings=True, norm_eps=1e-5,
       dense={"layers": 0 if variant == "plain" else 4,
              "mamba_level": "state" if variant == "state" else "input"}), dropout=0.0)
 
 
 def retnet_config(size: str, arg: str | None = None) -> ml_collections.ConfigDict:
-  """Variants: dense (DenseRetNet, m=2, the reference code's r_k = r_v = 32; SPEC section 5
-  counts), gau (the m=0 GAU baseline), ffn (RetNet with FFN), released (the released
-  checkpoints' (r_k, r_v): (8, 32) at 350M, (16, 8) at 1.3B)."""
-  variant = _parse_variant(arg, {"dense", "gau", "ffn", "released"}, "dense")
+  """Variants: dense (DenseRetNet, m=2, the reference code's r_k = r_v = 32), gau (the m=0 GAU
+  baseline), ffn (RetNet with FFN), released (the released checkpoints' (r_k, r_v): (8, 32) at
+  350M, (16, 8) at 1.3B), and the paper's ablations, RETNET_ABLATIONS (docs/ablations.md)."""
+  variant = _parse_variant(arg, set(RETNET_VARIANTS), "dense")
   c = base_config()
   c.model = model_defaults(**retnet_model(size, variant))
   return paper_recipe(c, lr=6e-4, b2=0.98)

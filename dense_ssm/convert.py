@@ -1,6 +1,6 @@
 r"""Checkpoint conversion: PyTorch state dicts <-> our params, and the converter CLI.
 
-  - the original DenseRetNet code (SPEC section 6):
+  - the original DenseRetNet code (names: docs/model.md, 'Reference checkpoint names'):
       params = from_reference(load_state_dict("pytorch_model.bin"), cfg)
       state_dict = to_reference(params, cfg)        # numpy arrays under the reference names
   - Hugging Face `MambaForCausalLM` (and mamba_ssm's own names): from_hf_mamba(state_dict, cfg)

@@ -3,22 +3,33 @@
 Sources, `config.data.source`:
   stdlib            the *.py files of the running interpreter's standard library (~30 MB, no
                     download; site-packages excluded), one document per file
+  pysrc             every *.py file of the running interpreter, standard library and
+                    site-packages alike (sysconfig's stdlib/platstdlib/purelib/platlib, the
+                    site-packages directories and sys.path entries inside site-/dist-packages),
+                    one document per distinct content: files are de-duplicated and ordered by the
+                    sha256 of their bytes, blank files dropped, and read lazily (listing hashes
+                    each file once per process)
   text:GLOB         each matching file is one document
   jsonl:GLOB        one document per line, the text in field `data.jsonl_field`
   tfds:NAME         `tfds.data_source(NAME, split=data.tfds_train_split | data.tfds_valid_split)`,
-                    the text in field `data.tfds_field`
+                    the text in field `data.tfds_field` (needs the `tfds` extra)
   arrayrecord:GLOB  pre-tokenized: each record is one document given as raw little-endian int32
                     token ids (`np.asarray(ids, "<i4").tobytes()`), without BOS/EOS;
                     `write_arrayrecord` makes such files.
+  mqar:KNOBS        synthetic multi-query associative recall, one example per row, no tokenizer
+                    (dense_ssm/mqar.py documents the knobs, the rows and their weights)
 Files are read in sorted path order; `data.max_chars` (0 = all) caps the characters read from
-text sources (stdlib, text, jsonl, and tfds when set). Text is decoded as UTF-8 with
+text sources (stdlib, pysrc, text, jsonl, and tfds when set). Text is decoded as UTF-8 with
 errors="replace"; `DataStats` counts the files and characters replaced, and the documents
 dropped for being empty or whitespace only.
 
 Train/validation split (tfds uses its own splits): a document is validation iff
 u(key) < data.valid_fraction, u = splitmix64(md5(relative path) + index) / 2^64, index = line
 (jsonl), record (arrayrecord) or 0 (a file). If that leaves validation empty while
-valid_fraction > 0, the document with the smallest u is moved to it.
+valid_fraction > 0, the document with the smallest u is moved to it. pysrc instead takes u
+from the document's content (the first 52 bits of its sha256), so the split is the same on every
+machine with the same files, wherever they are installed; with max_chars the cap applies in hash
+order, before the split.
 
 Packing (grain ConcatThenSplit): each document becomes [BOS] ids [EOS] (data.add_bos/add_eos);
 documents are concatenated and cut into rows of seq_len + 1 tokens. A document longer than the
@@ -41,13 +52,16 @@ every host.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import glob
 import hashlib
 import itertools
 import json
 import math
 import os
+import site
 import socket
+import sys
 import sysconfig
 from typing import Any, Callable, Sequence
 
@@ -70,6 +84,7 @@ class DataStats:
   split: str
   num_documents: int = 0
   num_chars: int = 0  # -1: unknown (lazy or pre-tokenized source)
+  num_bytes: int = 0  # 0: unknown; the split's file bytes for pysrc
   empty_documents: int = 0
   replaced_files: int = 0
   replaced_chars: int = 0
@@ -88,12 +103,12 @@ class Documents:
 
 
 def _parse_source(source: str) -> tuple[str, str]:
-  if source == "stdlib":
-    return "stdlib", ""
+  if source in ("stdlib", "pysrc"):
+    return source, ""
   scheme, sep, arg = source.partition(":")
   if scheme not in SCHEMES or not sep or not arg:
-    raise ValueError(f"data.source={source!r} is unknown; use stdlib, text:GLOB, jsonl:GLOB, "
-                     "tfds:NAME or arrayrecord:GLOB")
+    raise ValueError(f"data.source={source!r} is unknown; use stdlib, pysrc, text:GLOB, "
+                     "jsonl:GLOB, tfds:NAME or arrayrecord:GLOB")
   return scheme, arg
 
 
@@ -117,6 +132,97 @@ def _stdlib_files() -> list[tuple[str, str]]:
     out += [(os.path.join(d, f), os.path.relpath(os.path.join(d, f), root))
             for f in files if f.endswith(".py")]
   return sorted(out, key=lambda x: x[1])
+
+
+def _pysrc_roots() -> tuple[str, ...]:
+  """The directories whose *.py files make up `pysrc` (existing ones, real paths, sorted; none
+  inside another)."""
+  paths = sysconfig.get_paths()
+  roots = [paths.get(k) for k in ("stdlib", "platstdlib", "purelib", "platlib")]
+  roots += site.getsitepackages() if hasattr(site, "getsitepackages") else []
+  roots += [p for p in sys.path if {"site-packages", "dist-packages"} & set(p.split(os.sep))]
+  roots = sorted({os.path.realpath(r) for r in roots if r and os.path.isdir(r)})
+  return tuple(r for r in roots if not any(r.startswith(o + os.sep) for o in roots))
+
+
+@dataclasses.dataclass(frozen=True)
+class _PySrcListing:
+  """Distinct non-blank *.py contents, sorted by sha256: parallel tuples of hex digest, one path
+  holding that content, and its size in bytes; `blank` counts the blank files dropped."""
+
+  digests: tuple[str, ...]
+  paths: tuple[str, ...]
+  sizes: tuple[int, ...]
+  blank: int
+
+
+@functools.lru_cache(maxsize=4)
+def _pysrc_listing(roots: tuple[str, ...]) -> _PySrcListing:
+  """Walks `roots` (sorted, symlinked directories not followed, __pycache__ skipped), hashing
+  each readable *.py file once; cached per process."""
+  seen_paths, by_digest, blank = set(), {}, 0
+  for root in roots:
+    for d, subdirs, names in os.walk(root):
+      subdirs[:] = sorted(s for s in subdirs if s != "__pycache__")
+      for name in sorted(n for n in names if n.endswith(".py")):
+        path = os.path.realpath(os.path.join(d, name))
+        if path in seen_paths:
+          continue
+        seen_paths.add(path)
+        try:
+          with open(path, "rb") as f:
+            content = f.read()
+        except OSError:  # unreadable or a dangling link: not part of the corpus
+          continue
+        if not content.strip():
+          blank += 1
+          continue
+        by_digest.setdefault(hashlib.sha256(content).hexdigest(), (path, len(content)))
+  digests = tuple(sorted(by_digest))
+  return _PySrcListing(digests, tuple(by_digest[h][0] for h in digests),
+                       tuple(by_digest[h][1] for h in digests), blank)
+
+
+def _read_bytes(path: str) -> bytes:
+  with open(path, "rb") as f:
+    return f.read()
+
+
+def _read_text_file(path: str) -> str:
+  return _read_bytes(path).decode("utf-8", errors="replace")
+
+
+def _read_pysrc(d, split: str) -> Documents:
+  """The pysrc documents of `split`: lazy (read on access) unless data.max_chars caps them."""
+  listing = _pysrc_listing(_pysrc_roots())
+  if not listing.digests:
+    raise ValueError(f"data.source={d.source!r}: no non-blank *.py files under {list(_pysrc_roots())}; "
+                     "use data.source=stdlib or text:GLOB")
+  u = np.asarray([int(h[:13], 16) for h in listing.digests], np.float64) / float(2**52)
+  stats = DataStats(source=d.source, split=split, num_chars=-1, empty_documents=listing.blank)
+  if d.max_chars:  # eager and bounded: the first documents in hash order, the last one cut
+    texts, budget = [], d.max_chars
+    for path in listing.paths:
+      text, replaced = _decode(_read_bytes(path))
+      stats.replaced_files += replaced > 0
+      stats.replaced_chars += replaced
+      texts.append(text[:budget])
+      budget -= len(texts[-1])
+      if budget <= 0:
+        break
+    keep = np.nonzero(_split_mask(u[:len(texts)], d.valid_fraction, split))[0]
+    items = [texts[i] for i in keep]
+    stats.num_chars = sum(map(len, items))
+    stats.num_bytes = sum(len(t.encode("utf-8", errors="replace")) for t in items)
+  else:
+    keep = np.nonzero(_split_mask(u, d.valid_fraction, split))[0]
+    items = _LazyItems(listing.paths, keep, _read_text_file)
+    stats.num_bytes = int(sum(listing.sizes[i] for i in keep))
+  if not len(items):
+    raise ValueError(f"data.source={d.source!r} has no {split} documents; raise data.max_chars "
+                     "or change data.valid_fraction")
+  stats.num_documents = len(items)
+  return Documents(items, pretokenized=False, stats=stats)
 
 
 def _decode(data: bytes) -> tuple[str, int]:
@@ -218,7 +324,11 @@ def _tfds_text(example, field: str) -> str:
 
 
 def _read_tfds(name: str, d, split: str) -> Documents:
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  try:
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    raise ValueError(f"data.source='tfds:{name}' needs tensorflow-datasets, which is not "
+                     'installed; install the tfds extra: pip install -e ".[tfds]"') from None
 
   tfds_split = d.tfds_valid_split if split == "valid" else d.tfds_train_split
   try:
@@ -265,11 +375,16 @@ def load_documents(config, split: str = "train") -> Documents:
   if split not in ("train", "valid"):
     raise ValueError(f"split={split!r} is unknown; use 'train' or 'valid'")
   d = config.data
+  if _mqar_spec(config):
+    raise ValueError(f"data.source={d.source!r} is a synthetic task of rows, not documents; read "
+                     "it with make_train_iterator / make_eval_batches")
   scheme, arg = _parse_source(d.source)
   if scheme == "tfds":
     return _read_tfds(arg, d, split)
   if scheme == "arrayrecord":
     return _read_arrayrecord(arg, d, split)
+  if scheme == "pysrc":
+    return _read_pysrc(d, split)
   return _read_text_docs(scheme, arg, d, split)
 
 
@@ -300,8 +415,10 @@ def load_tokenizer(config, workdir: str | None = None) -> Tokenizer:
   Training uses at most `data.tokenizer_train_chars` characters of the train split (documents
   in a fixed shuffled order), `data.tokenizer_vocab_size` pieces (0: `model.vocab_size`), and
   caches the model in `workdir` (when given). The tokenizer's vocabulary must equal
-  `model.vocab_size`.
+  `model.vocab_size`. An `mqar:` source needs none: returns None.
   """
+  if _mqar_spec(config):
+    return None
   d, vocab_size = config.data, config.model.vocab_size
   if d.tokenizer:
     tokenizer = Tokenizer.from_file(os.path.expanduser(d.tokenizer))
@@ -433,12 +550,14 @@ def make_train_iterator(config, tokenizer: Tokenizer | None, *, seed: int | None
                         process_count: int | None = None) -> TrainIterator:
   """Shuffled, repeated, packed train batches of this host (seed: data.shuffle_seed if None).
 
-  `tokenizer` may be None only for pre-tokenized (arrayrecord) sources.
+  `tokenizer` may be None only for pre-tokenized (arrayrecord) and mqar sources.
   """
   import grain  # pylint: disable=g-import-not-at-top
 
   d = config.data
   process_index, process_count, batch = _hosts(config, process_index, process_count)
+  if _mqar_spec(config):
+    return _mqar_train_iterator(config, seed, process_index, process_count)
   docs = load_documents(config, "train")
   if len(docs.items) < process_count:
     raise ValueError(f"{len(docs.items)} train documents cannot feed {process_count} hosts; "
@@ -467,6 +586,8 @@ def make_eval_batches(config, tokenizer: Tokenizer | None, *, max_batches: int |
   import grain  # pylint: disable=g-import-not-at-top
 
   process_index, process_count, batch = _hosts(config, process_index, process_count)
+  if _mqar_spec(config):
+    return _mqar_eval_batches(config, max_batches, process_index, process_count)
   docs = load_documents(config, "valid")
   ds = grain.MapDataset.source(docs.items).map(_tokens_fn(docs, config, tokenizer))
   num_rows = max_batches * config.train.batch_size if max_batches else None
@@ -483,6 +604,39 @@ def make_eval_batches(config, tokenizer: Tokenizer | None, *, max_batches: int |
     mine = rows[start:start + batch]
     out.append({k: np.stack([r[k] for r in mine]) for k in FEATURES})
   return out
+
+
+# ------------------------------------------------------------------------ mqar (synthetic task)
+
+
+def _mqar_spec(config):
+  """The checked `mqar.MqarSpec` of an `mqar:` source, else None."""
+  if config.data.source.partition(":")[0] != "mqar":
+    return None
+  from dense_ssm import mqar  # pylint: disable=g-import-not-at-top
+
+  spec = mqar.parse_spec(config.data.source)
+  mqar.check_spec(spec, config.data.seq_len, config.model.vocab_size, config.data.source)
+  return spec
+
+
+def _mqar_train_iterator(config, seed, process_index, process_count) -> TrainIterator:
+  from dense_ssm import mqar  # pylint: disable=g-import-not-at-top
+
+  d, batch = config.data, config.train.batch_size
+  stream = d.shuffle_seed if seed is None else seed
+  it = mqar.TrainStream(_mqar_spec(config), d.seq_len, batch, process_index, process_count,
+                        stream=stream % 2**32)
+  drawn = config.train.steps * (batch // process_count)  # fresh examples, never repeated
+  return TrainIterator(it, DataStats(source=d.source, split="train", num_documents=drawn,
+                                     num_chars=-1))
+
+
+def _mqar_eval_batches(config, max_batches, process_index, process_count) -> list[Batch]:
+  from dense_ssm import mqar  # pylint: disable=g-import-not-at-top
+
+  return mqar.eval_batches(_mqar_spec(config), config.data.seq_len, config.train.batch_size,
+                           process_index, process_count, max_batches)
 
 
 __all__ = ["Batch", "DataStats", "Documents", "TrainIterator", "Tokenizer", "load_documents",

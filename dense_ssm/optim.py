@@ -1,4 +1,4 @@
-"""Optimiser of the paper's recipe (SPEC section 8), built from optax.
+"""Optimiser of the paper's recipe (docs/model.md, 'Training recipe'), built from optax.
 
   lr(s) = peak * s / W                                  for update s = 1..W (warm-up)
   lr(s) = peak + (end - peak) * (s - W) / (S - W)       for s = W..S (linear decay)

@@ -1,4 +1,4 @@
-"""SentencePiece tokenizer: a small wrapper and a trainer (SPEC section 6 conventions).
+"""SentencePiece tokenizer: a small wrapper and a trainer (LLaMA id conventions).
 
 Ids follow LLaMA: `<unk>` = 0, `<s>` (BOS) = 1, `</s>` (EOS) = 2. SentencePiece has no pad
 piece here; padded positions hold id 0 and are masked out by the data pipeline's weights, so

@@ -7,8 +7,9 @@ latest checkpoint in `DIR/checkpoints`; SIGTERM saves one and exits 0. Multi-hos
 slice on this machine and prints per-chip memory and FLOPs (see dense_ssm/compile.py).
 
 Output: process 0 prints the progress lines; metrics also go to TensorBoard events
-(DIR/tensorboard), DIR/metrics.jsonl and clu's console writer (absl INFO: add `-v 0` to see
-it and the libraries' logs). `config.train.profile_steps=N` traces N steps into DIR/profile.
+(DIR/tensorboard; TensorFlow is not needed), DIR/metrics.jsonl and the console log (absl INFO:
+add `-v 0` to see it and the libraries' logs). One warning line comes first when an NVIDIA GPU
+or a TPU is present but JAX runs on the CPU, and when a config names no data source. `config.train.profile_steps=N` traces N steps into DIR/profile.
 
 Loop invariants: metrics of step s are fetched after step s+1 is dispatched (no host sync
 in the hot loop), except before a checkpoint or evaluation, where the last loss is checked
@@ -22,6 +23,7 @@ import json
 import math
 import os
 import re
+import shutil
 import signal
 import sys
 import time
@@ -141,6 +143,50 @@ def check_workdir(workdir: str | None) -> str:
   return workdir
 
 
+GPU_INSTALL = 'pip install -e ".[gpu]"'
+TPU_INSTALL = 'pip install -e ".[tpu]"'
+
+
+def accelerator_warning() -> str | None:
+  """One warning line if an NVIDIA GPU (nvidia-smi or /dev/nvidiaN) or a TPU (/dev/accel*,
+  /dev/vfio/N) is present while JAX runs on the CPU, naming the install that fixes it; None
+  otherwise, and when JAX_PLATFORMS=cpu asks for the CPU. Initialises JAX's backends: call it
+  after `jax.distributed.initialize`."""
+  import jax  # pylint: disable=g-import-not-at-top
+
+  if os.environ.get("JAX_PLATFORMS", "").strip().lower() == "cpu":
+    return None
+  if shutil.which("nvidia-smi") or glob.glob("/dev/nvidia[0-9]*"):
+    device, fix = "an NVIDIA GPU", GPU_INSTALL
+  elif glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*"):
+    device, fix = "a TPU", TPU_INSTALL
+  else:
+    return None
+  if jax.default_backend() != "cpu":
+    return None
+  return (f"warning: this machine has {device} but JAX runs on the CPU (jax "
+          f"{jax.__version__} has no backend for it); install one with: {fix}")
+
+
+def resolve_data_source(config) -> str | None:
+  """Sets an empty `config.data.source` (the paper recipes leave it empty: their corpus is not
+  bundled) to the embedded "stdlib" corpus, and returns the one warning line that says so;
+  None when the config names a source."""
+  d = config.data
+  if d.source:
+    return None
+  d.source = "stdlib"
+  tokenizer = ("a tokenizer trained just now on that corpus" if not d.tokenizer else
+               f"the tokenizer {d.tokenizer}")
+  fix = "real data pass --config.data.source=jsonl:/path/*.jsonl"
+  if not d.tokenizer:
+    fix = fix.replace(" pass", " and the LLaMA tokenizer pass") + \
+        " --config.data.tokenizer=/path/llama/tokenizer.model"
+  return (f"warning: this config names no dataset (config.data.source is empty, as in the paper "
+          f"recipes), so the paper-size model trains on the embedded demo corpus (the Python "
+          f"standard library's source) with {tokenizer}; for {fix}")
+
+
 def _say(msg: str) -> None:
   """Console output (stdout) of process 0."""
   import jax  # pylint: disable=g-import-not-at-top
@@ -229,14 +275,15 @@ class Trainer:
     from dense_ssm import data, sharding  # pylint: disable=g-import-not-at-top
 
     c = self.config
-    if not c.data.source:
-      _say("data: this config names no dataset (config.data.source is empty); falling back to "
-           "the embedded default. Set --config.data.source=jsonl:GLOB|text:GLOB|tfds:NAME|"
-           "arrayrecord:GLOB to train on real data.")
-      c.data.source = "stdlib"
-    if c.data.source == "stdlib":
+    warning = resolve_data_source(c)
+    if warning:
+      _say(warning)
+    elif c.data.source == "stdlib":
       _say("data: the embedded default (the Python standard library source of this "
            "interpreter, no download).")
+    elif c.data.source == "pysrc":
+      _say("data: pysrc, every distinct *.py file of this interpreter (standard library and "
+           "site-packages, no download); listing hashes each file once.")
     hosts = dict(process_index=jax.process_index(), process_count=jax.process_count())
     tokenizer = data.load_tokenizer(c, self.workdir)
     self.train_iter = data.make_train_iterator(c, tokenizer, seed=c.data.shuffle_seed, **hosts)
@@ -379,6 +426,9 @@ def train_and_evaluate(config, workdir: str, *, sigkill_after_step: int = 0) -> 
   `sigkill_after_step` (testing): SIGKILL this process after that step, once pending
   checkpoints are written, as a hard crash would.
   """
+  warning = accelerator_warning()
+  if warning:
+    _say(warning)
   trainer = Trainer(config, workdir)
   try:
     trainer.load_data()
@@ -396,6 +446,8 @@ def _data_line(source: str, stats: Any) -> str:
   line += f", {stats.num_documents:,} train documents (this host)"
   if stats.num_chars > 0:
     line += f", {stats.num_chars:,} characters"
+  if stats.num_bytes > 0:
+    line += f", {stats.num_bytes:,} bytes"
   if stats.replaced_chars:
     line += (f"; {stats.replaced_chars:,} invalid UTF-8 sequences replaced (U+FFFD) in "
              f"{stats.replaced_files} file(s)")

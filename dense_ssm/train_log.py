@@ -3,6 +3,15 @@
   MFU = (model FLOPs per token * tokens per second) / (peak FLOP/s per chip * chips)
 
 Only process 0 writes TensorBoard events and `metrics.jsonl`; every process logs.
+
+TensorBoard events are written with the `tensorboard` package's own writer
+(`tensorboard.summary.writer.event_file_writer` and its protos), whether or not TensorFlow is
+installed: `tensorboard` is a dependency already (tensorboardX would add one), and one writer means
+the same event files everywhere. Scalars are plain `simple_value` summaries, which TensorBoard and
+`event_accumulator` read as scalars; the hyper-parameters go to the HParams plugin. Files go
+through TensorBoard's file layer: TensorFlow's `tf.io.gfile` when TensorFlow is installed (local
+paths, gs://, ...), otherwise TensorBoard's own (local paths, s3://, and fsspec URLs such as gs://
+with gcsfs installed). Neither clu nor TensorFlow is imported here.
 """
 
 from __future__ import annotations
@@ -93,7 +102,7 @@ def cost_flops(compiled: Any) -> float | None:
 
 
 class JsonlWriter:
-  """A clu MetricWriter that appends {"step": s, **scalars} lines to a file."""
+  """Appends {"step": s, **scalars} lines to a file."""
 
   def __init__(self, path: str):
     self._f = open(path, "a", encoding="utf-8")
@@ -103,28 +112,7 @@ class JsonlWriter:
     self._f.write(json.dumps(row) + "\n")
     self._f.flush()
 
-  def write_summaries(self, step, values, metadata=None):
-    pass
-
-  def write_images(self, step, images):
-    pass
-
-  def write_videos(self, step, videos):
-    pass
-
-  def write_audios(self, step, audios, *, sample_rate):
-    pass
-
-  def write_texts(self, step, texts):
-    pass
-
-  def write_histograms(self, step, arrays, num_buckets=None):
-    pass
-
-  def write_pointcloud(self, step, point_clouds, *, point_colors=None, configs=None):
-    pass
-
-  def write_hparams(self, hparams):
+  def write_hparams(self, hparams: Mapping[str, Any]):
     pass
 
   def flush(self):
@@ -134,23 +122,90 @@ class JsonlWriter:
     self._f.close()
 
 
-def make_writer(workdir: str):
-  """TensorBoard (workdir/tensorboard) + console (absl INFO) + metrics.jsonl on process 0;
-  console only on other processes."""
-  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TF is only the event writer here
-  os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
-  from clu import metric_writers  # pylint: disable=g-import-not-at-top  # heavy (TensorFlow)
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+class TensorBoardWriter:
+  """Scalars and hyper-parameters as TensorBoard events in `logdir` (one new events file)."""
 
-  tf.config.set_visible_devices([], "GPU")  # TF only writes events; keep it off accelerators
+  def __init__(self, logdir: str):
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # if TensorFlow serves the file layer
+    from tensorboard.summary.writer import event_file_writer  # pylint: disable=g-import-not-at-top
 
-  if jax.process_index() > 0:
-    return metric_writers.create_default_writer(None, just_logging=True)
-  default = metric_writers.create_default_writer(os.path.join(workdir, "tensorboard"),
-                                                 asynchronous=False)
-  if "://" in workdir:  # object stores cannot append: TensorBoard events only
-    return default
-  return metric_writers.MultiWriter([default, JsonlWriter(os.path.join(workdir, "metrics.jsonl"))])
+    self._writer = event_file_writer.EventFileWriter(logdir, flush_secs=30)
+
+  def _add(self, step: int, summary) -> None:
+    from tensorboard.compat.proto import event_pb2  # pylint: disable=g-import-not-at-top
+
+    self._writer.add_event(event_pb2.Event(wall_time=time.time(), step=int(step), summary=summary))
+
+  def write_scalars(self, step: int, scalars: Mapping[str, Any]):
+    from tensorboard.compat.proto import summary_pb2  # pylint: disable=g-import-not-at-top
+
+    self._add(step, summary_pb2.Summary(value=[
+        summary_pb2.Summary.Value(tag=k, simple_value=float(v)) for k, v in scalars.items()]))
+
+  def write_hparams(self, hparams: Mapping[str, Any]):
+    from tensorboard.plugins.hparams import summary_v2  # pylint: disable=g-import-not-at-top
+
+    self._add(0, summary_v2.hparams_pb(dict(hparams)))
+
+  def flush(self):
+    self._writer.flush()
+
+  def close(self):
+    self._writer.close()
+
+
+class LoggingWriter:
+  """Scalars to absl INFO: `[step] name=value, ...` (shown with `-v 0`)."""
+
+  def write_scalars(self, step: int, scalars: Mapping[str, Any]):
+    from absl import logging  # pylint: disable=g-import-not-at-top
+
+    logging.info("[%d] %s", step, ", ".join(f"{k}={float(v):.6g}" for k, v in scalars.items()))
+
+  def write_hparams(self, hparams: Mapping[str, Any]):
+    from absl import logging  # pylint: disable=g-import-not-at-top
+
+    logging.info("hparams: %s", ", ".join(f"{k}={v}" for k, v in hparams.items()))
+
+  def flush(self):
+    pass
+
+  def close(self):
+    pass
+
+
+class MultiWriter:
+  """Fans each call out to `writers`, in order."""
+
+  def __init__(self, writers):
+    self.writers = list(writers)
+
+  def write_scalars(self, step: int, scalars: Mapping[str, Any]):
+    for w in self.writers:
+      w.write_scalars(step, scalars)
+
+  def write_hparams(self, hparams: Mapping[str, Any]):
+    for w in self.writers:
+      w.write_hparams(hparams)
+
+  def flush(self):
+    for w in self.writers:
+      w.flush()
+
+  def close(self):
+    for w in self.writers:
+      w.close()
+
+
+def make_writer(workdir: str) -> MultiWriter:
+  """Console (absl INFO) on every process; on process 0 also TensorBoard (workdir/tensorboard)
+  and, for local workdirs, metrics.jsonl (object stores cannot append)."""
+  writers = [LoggingWriter()]
+  if jax.process_index() == 0:
+    writers.append(TensorBoardWriter(os.path.join(workdir, "tensorboard")))
+    if "://" not in workdir:
+      writers.append(JsonlWriter(os.path.join(workdir, "metrics.jsonl")))
+  return MultiWriter(writers)
 
 
 class Progress:
@@ -194,5 +249,6 @@ class Progress:
 
 __all__ = [
     "peak_flops_per_device", "hbm_bytes_per_device", "memory_report", "cost_flops",
-    "format_bytes", "format_duration", "JsonlWriter", "make_writer", "Progress",
+    "format_bytes", "format_duration", "JsonlWriter", "TensorBoardWriter", "LoggingWriter",
+    "MultiWriter", "make_writer", "Progress",
 ]

@@ -1,12 +1,13 @@
-"""Dense hidden connection semantics (SPEC section 2) and its ablation options."""
+"""Dense hidden connection semantics (docs/model.md) and its ablation options."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dense_ssm.models import DenseConfig, build_model
-from tests.helpers import init, tiny
+from dense_ssm import config_lib
+from dense_ssm.models import DenseConfig, ModelConfig, build_model, count_params
+from tests.helpers import decode_all, init, rel, replace, tiny
 
 
 def _rms(x, w, eps=1e-6):
@@ -113,3 +114,117 @@ def test_bad_dense_option_is_a_clear_error():
   cfg = tiny("dense_retnet", dense=DenseConfig(layers=2, fusion="mul"))
   with pytest.raises(ValueError, match="dense.fusion"):
     init(cfg)
+
+
+def test_per_source_gates_each_gate_its_own_source():
+  m = 2
+  cfg = tiny("dense_retnet", num_layers=4, dense=DenseConfig(layers=m, gates="per_source", r_k=4,
+                                                             r_v=4))
+  model, params = init(cfg)
+  for l in range(cfg.num_layers):
+    names = set(params[f"layers_{l}"]["self_attn"]["k_fusion"])
+    assert names == {"fc1_0", "fc2_0", "fc1_1", "fc2_1", "norm"}, names
+  tokens = jax.random.randint(jax.random.PRNGKey(4), (2, 12), 0, cfg.vocab_size)
+  _, inter = _run(cfg, params, tokens)
+  feats = [inter[f"features_{i}"][0] for i in range(cfg.num_layers)]
+  l = 3
+  mix, p = inter[f"layers_{l}"]["self_attn"], params[f"layers_{l}"]["self_attn"]
+  x_hat = np.asarray(mix["x_hat"][0], np.float64)
+  for kind, idx in (("k_fusion", 0), ("v_fusion", 1)):
+    f = p[kind]
+    fused = np.asarray(feats[l][idx], np.float64)
+    for j in range(m):  # gate j selects source j = layer l-1-j
+      gate = _silu(_silu(x_hat @ np.asarray(f[f"fc1_{j}"]["kernel"]))
+                   @ np.asarray(f[f"fc2_{j}"]["kernel"]))
+      np.testing.assert_allclose(mix[kind]["gate"][j], gate, rtol=2e-4, atol=2e-6)
+      fused = fused + gate * np.asarray(feats[l - 1 - j][idx])
+    np.testing.assert_allclose(mix["kv_fused"][0][idx], _rms(fused, f["norm"]["scale"]),
+                               rtol=2e-4, atol=2e-5)
+
+  grads = jax.grad(lambda q: jnp.sum(model.apply({"params": q}, tokens) ** 2))(params)
+
+  def norm(l, j):
+    g = grads[f"layers_{l}"]["self_attn"]["v_fusion"]
+    return float(jnp.linalg.norm(g[f"fc1_{j}"]["kernel"]) + jnp.linalg.norm(g[f"fc2_{j}"]["kernel"]))
+
+  assert norm(1, 0) > 0 and norm(1, 1) == 0  # layer 1 has one source: its second gate is idle
+  assert min(norm(l, j) for l in (2, 3) for j in range(m)) > 0
+
+
+def test_every_k_only_dense_layers_own_fusion_with_the_given_gate_width():
+  cfg = tiny("dense_retnet", num_layers=5, dense=DenseConfig(layers=2, every=2, gate_width_k=6,
+                                                             gate_width_v=10))
+  _, params = init(cfg)
+  for l in range(cfg.num_layers):
+    mixer = params[f"layers_{l}"]["self_attn"]
+    if l % 2:
+      assert "k_fusion" not in mixer and "v_fusion" not in mixer
+    else:
+      assert mixer["k_fusion"]["fc1"]["kernel"].shape == (cfg.hidden_size, 6)
+      assert mixer["v_fusion"]["fc2"]["kernel"].shape == (10, cfg.v_dim)
+
+
+def test_concat_channel_merge_starts_as_add_and_learns():
+  add = tiny("dense_retnet", num_layers=3, dense=DenseConfig(layers=2, r_k=4, r_v=4))
+  cat = replace(add, dense=replace(add.dense, fusion="concat"))
+  model, params = init(cat)
+  merge = params["layers_1"]["self_attn"]["v_fusion"]["merge_scale"]
+  assert merge.shape == (3, cat.v_dim)  # (m + 1) inputs, one weight per channel
+  _, add_params = init(add)
+  tokens = jax.random.randint(jax.random.PRNGKey(5), (1, 10), 0, cat.vocab_size)
+  np.testing.assert_allclose(model.apply({"params": params}, tokens),
+                             build_model(add).apply({"params": add_params}, tokens),
+                             rtol=1e-5, atol=1e-5)
+  grads = jax.grad(lambda q: jnp.sum(model.apply({"params": q}, tokens) ** 2))(params)
+  g = grads["layers_2"]["self_attn"]["k_fusion"]["merge_scale"]
+  assert float(jnp.min(jnp.linalg.norm(g, axis=-1))) > 0  # every input's weights learn
+
+
+@pytest.mark.parametrize("name,dense", [
+    ("dense_retnet", DenseConfig(layers=2, gates="per_source", r_k=4, r_v=4)),
+    ("dense_retnet", DenseConfig(layers=2, fusion="concat", r_k=4, r_v=4)),
+    ("dense_retnet", DenseConfig(layers=2, fusion="concat", concat_merge="full", r_k=4, r_v=4)),
+    ("dense_retnet", DenseConfig(layers=2, every=2, gate_width_k=12, gate_width_v=12)),
+    ("dense_mamba", DenseConfig(layers=2, gates="per_source", every=2, r_k=4, r_v=4)),
+])
+def test_new_options_decode_matches_training_call(name, dense):
+  cfg = tiny(name, num_layers=4, dense=dense)
+  model, params = init(cfg)
+  # Move the merge weights away from their init, so that the concat merge matters.
+  params = jax.tree.map(lambda x: x * (1.0 + 0.1 * jnp.arange(x.shape[-1]) / x.shape[-1]),
+                        params)
+  tokens = jax.random.randint(jax.random.PRNGKey(6), (2, 20), 0, cfg.vocab_size)
+  full = model.apply({"params": params}, tokens)
+  assert bool(jnp.all(jnp.isfinite(full)))
+  dec = decode_all(cfg, params, tokens, 7)
+  assert rel(dec, full) < 1e-4
+
+
+def test_state_level_mamba_rejects_options_it_cannot_apply():
+  cfg = tiny("dense_mamba_state", dense=DenseConfig(layers=2, mamba_level="state",
+                                                    gates="per_source"))
+  with pytest.raises(ValueError, match="mamba_level='state' supports only"):
+    init(cfg)
+
+
+@pytest.mark.parametrize("value", [dict(every=0), dict(gate_width_k=-1), dict(gates="each")])
+def test_bad_new_dense_values_are_clear_errors(value):
+  with pytest.raises(ValueError, match="dense."):
+    init(tiny("dense_retnet", dense=DenseConfig(layers=2, **value)))
+
+
+# The paper keeps these ablations at the default model's size: ours within 1% (shapes only).
+@pytest.mark.parametrize("variant", ["concat", "every2", "every4"])
+def test_paper_ablations_keep_the_parameter_count(variant):
+  default = 367_965_696  # retnet_350m (pinned in test_params_and_convert)
+  got = count_params(ModelConfig.from_dict(config_lib.retnet_model("350m", variant)))
+  assert abs(got - default) / default < 0.01, got
+
+
+def test_every_variant_of_retnet_350m_builds():
+  for variant in config_lib.RETNET_VARIANTS:
+    cfg = config_lib.check_model_config(config_lib.retnet_config("350m", variant))
+    assert cfg.dense.every >= 1
+  assert config_lib.retnet_model("350m", "id_mlp") == config_lib.retnet_model("350m", "dense")
+  assert config_lib.matched_gate_width("350m", 2, 32) == 96  # 48 * 16 layers / 8 owning
+  assert config_lib.matched_gate_width("350m", 4, 32) == 192  # 48 * 16 / 4

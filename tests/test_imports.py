@@ -1,5 +1,6 @@
 """Models, ops and kernels import only jax, flax and numpy: no data or logging libraries."""
 
+import pathlib
 import subprocess
 import sys
 
@@ -28,3 +29,16 @@ def test_paper_model_sections_need_no_ml_collections():
   got = json.loads(out.stdout)
   assert got["r"] == config_lib.retnet_config("1b3").model.to_dict()
   assert got["m"] == config_lib.mamba_config("360m", "plain").model.to_dict()
+
+
+def test_code_and_readme_cite_docs_not_an_internal_spec():
+  """Users get docs/model.md; no package file or the README points to a spec they do not have."""
+  root = pathlib.Path(__file__).resolve().parent.parent
+  files = [root / "README.md"] + [p for p in sorted((root / "dense_ssm").rglob("*"))
+                                  if p.is_file() and p.suffix in (".py", ".md", ".txt", ".json")]
+  assert len(files) > 20, files
+  bad = [f"{p.relative_to(root)}:{i}" for p in files
+         for i, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1)
+         if "SPEC.md" in line or "SPEC section" in line]
+  assert not bad, f"cite docs/model.md instead: {bad}"
+  assert (root / "docs" / "model.md").is_file() and (root / "LICENSE").is_file()

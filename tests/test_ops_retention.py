@@ -83,7 +83,7 @@ def test_step_matches_scan():
 
 
 def test_normalized_parallel_matches_spec_recurrence_up_to_row_scale():
-  """SPEC section 4: the reference parallel form and the reference recurrence differ only by a
+  """docs/model.md, 'Retention modes': the reference parallel form and recurrence differ by a
   per-(token, head) scalar (the clamp of sum |A|), which the head RMSNorm removes."""
   with jax.enable_x64(True):
     _check_normalized_parallel()

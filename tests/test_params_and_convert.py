@@ -1,5 +1,5 @@
-"""Parameter counts of the paper configs (SPEC section 5), the summary CLI, and the reference
-checkpoint conversion round trip (SPEC section 6)."""
+"""Parameter counts of the paper configs (docs/model.md, 'Parameter counts'), the summary CLI,
+and the reference checkpoint conversion round trip (docs/model.md, 'Reference checkpoint names')."""
 
 import importlib.util
 import os
@@ -25,7 +25,7 @@ def _config(name, arg=None):
 
 
 def _mamba_count(layers, h, vocab=32000, n=16, expand=2):
-  """Mamba-1 parameters from SPEC section 7, counted by hand (tied embeddings, no dense)."""
+  """Mamba-1 parameters of docs/model.md, counted by hand (tied embeddings, no dense)."""
   di, r = expand * h, -(-h // 16)
   per_layer = (h  # norm
                + h * 2 * di  # in_proj
@@ -54,8 +54,8 @@ def test_baseline_counts():
   for (name, arg), n in nominal.items():
     got = count_params(_config(name, arg))
     assert abs(got - n) / n < 0.05, (name, got)
-  # SPEC section 8's Mamba-1.3B row (50 layers, H 2048) counts 1.39B: 6.7% above its "1.3B" label
-  # (the Mamba paper calls this size 1.4B). We follow the SPEC's dimensions.
+  # The paper's Mamba-1.3B row (50 layers, H 2048) counts 1.39B: 6.7% above its "1.3B" label
+  # (the Mamba paper calls this size 1.4B). We follow the paper's dimensions.
   assert abs(count_params(_config("mamba_1b3", "plain")) - 1.4e9) / 1.4e9 < 0.05
 
 

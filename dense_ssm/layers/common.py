@@ -17,8 +17,18 @@ def normal_init(std: float):
   return nn.initializers.normal(stddev=std)
 
 
+def uniform_init(bound: float):
+  """U(-bound, bound). (flax's `nn.initializers.uniform(s)` samples [0, s), not this.)"""
+
+  def init(key, shape, dtype=jnp.float32):
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+  return init
+
+
 class Linear(nn.Module):
-  """y = x W (+ b), W: [in, out] with logical axes `axes`; SPEC init N(0, init_std)."""
+  """y = x W (+ b), W: [in, out] with logical axes `axes`; W ~ N(0, init_std) unless
+  `kernel_init` is given."""
 
   features: int
   axes: tuple[str | None, str | None]
@@ -90,7 +100,7 @@ def make_norm(cfg, axis_name="embed"):
 
 
 def retnet_angles(head_dim: int) -> jax.Array:
-  """SPEC section 3: 1 / 10000^linspace(0, 1, d/2) (endpoint included), each repeated twice."""
+  """RetNet's rotary angles 1 / 10000^linspace(0, 1, d/2) (endpoint included), each twice."""
   a = 1.0 / (10000.0 ** jnp.linspace(0.0, 1.0, head_dim // 2))
   return jnp.repeat(a, 2)
 

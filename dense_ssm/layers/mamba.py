@@ -1,14 +1,21 @@
-"""Mamba-1 mixer (SPEC section 7) with the DenseMamba hidden connection.
+"""Mamba-1 mixer with the DenseMamba hidden connection (docs/model.md, 'Mamba and DenseMamba').
 
   [x | z] = in_proj(x_hat);  x = silu(causal_depthwise_conv(x))        (width d_inner)
   [dt_r | B | C] = x_proj(x); dt = dt_proj(dt_r)
   y = selective_scan(x, dt, A = -exp(A_log), B, C, D, dt_bias) * silu(z);  out = out_proj(y)
 
-DenseMamba (project decision, SPEC section 7):
+DenseMamba (the paper leaves this open; docs/model.md, 'Decisions where the paper is silent'):
   level "input": x (the value, width d_inner) and B (the key, width N) are fused with the same
       features of up to m shallower layers (pre-fusion, same position), gates from x_hat.
   level "state": the literal state-level form: y += gate * (C_l . sum_j h_j), with h_j the
       per-token states of the shallower layers (memory-heavy; for ablations).
+
+Initialisation follows the reference Mamba-1 code (PyTorch defaults plus its overrides):
+  in_proj, x_proj ~ U(+-1/sqrt(fan_in)); out_proj ~ U(+-1/sqrt(d_inner)) / sqrt(num_layers)
+  (one residual branch per layer); depthwise conv weight and bias ~ U(+-1/sqrt(conv_width));
+  dt_proj ~ U(+-dt_rank^-0.5); dt_bias = softplus^-1(dt), dt log-uniform in [1e-3, 0.1]
+  (floored at 1e-4); A_log[d, n] = log(n + 1); D = 1. The dense-connection parameters keep the
+  project's N(0, init_std).
 """
 
 from __future__ import annotations
@@ -21,8 +28,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from dense_ssm import ops
-from dense_ssm.layers.common import Linear, batch_mesh_axes, constrain, dtype_of
-from dense_ssm.layers.dense import DenseFusion
+from dense_ssm.layers.common import Linear, batch_mesh_axes, constrain, dtype_of, uniform_init
+from dense_ssm.layers.dense import DenseFusion, fusion_options, owns_fusion
 
 
 def _dt_bias_init(key, shape, dtype=jnp.float32, dt_min=1e-3, dt_max=0.1):
@@ -65,32 +72,38 @@ class MambaMixer(nn.Module):
     di, n, r = cfg.d_inner, cfg.state_dim, cfg.resolved_dt_rank
     kw = dict(init_std=cfg.init_std, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
     pd = dtype_of(cfg.param_dtype)
-    self.in_proj = Linear(2 * di, ("embed", "mlp"), **kw)
-    bound = cfg.conv_width ** -0.5
+    lin = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype)
+    self.in_proj = Linear(2 * di, ("embed", "mlp"),
+                          kernel_init=uniform_init(cfg.hidden_size ** -0.5), **lin)
+    conv_bound = cfg.conv_width ** -0.5  # depthwise: fan_in = conv_width
     self.conv_w = self.param(
-        "conv_kernel", nn.with_logical_partitioning(
-            nn.initializers.uniform(2 * bound), ("conv", "mlp")), (cfg.conv_width, di), pd)
+        "conv_kernel", nn.with_logical_partitioning(uniform_init(conv_bound), ("conv", "mlp")),
+        (cfg.conv_width, di), pd)
     self.conv_b = self.param("conv_bias", nn.with_logical_partitioning(
-        nn.initializers.zeros_init(), ("mlp",)), (di,), pd)
-    self.x_proj = Linear(r + 2 * n, ("mlp", None), **kw)
-    self.dt_proj = Linear(di, (None, "mlp"), dtype=cfg.dtype, param_dtype=cfg.param_dtype,
-                          kernel_init=nn.initializers.uniform(2 * r ** -0.5))
+        uniform_init(conv_bound), ("mlp",)), (di,), pd)
+    self.x_proj = Linear(r + 2 * n, ("mlp", None), kernel_init=uniform_init(di ** -0.5), **lin)
+    self.dt_proj = Linear(di, (None, "mlp"), kernel_init=uniform_init(r ** -0.5), **lin)
     self.dt_bias = self.param("dt_bias", nn.with_logical_partitioning(_dt_bias_init, ("mlp",)),
                               (di,), pd)
     self.a_log = self.param("A_log", nn.with_logical_partitioning(_a_log_init, ("mlp", "state")),
                             (di, n), pd)
     self.d_skip = self.param("D", nn.with_logical_partitioning(nn.initializers.ones_init(),
                                                                ("mlp",)), (di,), pd)
-    self.out_proj = Linear(cfg.hidden_size, ("mlp", "embed"), **kw)
+    self.out_proj = Linear(cfg.hidden_size, ("mlp", "embed"), kernel_init=uniform_init(
+        (di * cfg.num_layers) ** -0.5), **lin)
     d = cfg.dense
     if d.layers > 0:
       if d.mamba_level not in ("input", "state"):
         raise ValueError(f"dense.mamba_level={d.mamba_level!r} is unknown; use input or state.")
-      common = dict(hidden_size=cfg.hidden_size, select=d.select, projection=d.projection,
-                    fusion=d.fusion, norm_eps=cfg.norm_eps, **kw)
-      self.x_fusion = DenseFusion(di, ratio=d.r_v, **common)
+      if d.mamba_level == "state" and (d.projection, d.fusion, d.gates) != (
+          "identity", "add", "shared"):
+        raise ValueError("dense.mamba_level='state' supports only projection=identity, "
+                         "fusion=add and gates=shared; use mamba_level='input' for the others.")
+      common = dict(hidden_size=cfg.hidden_size, norm_eps=cfg.norm_eps, **fusion_options(d), **kw)
+      self.x_fusion = DenseFusion(di, ratio=d.r_v, inner_width=d.gate_width_v, **common)
       if d.mamba_level == "input":
-        self.b_fusion = DenseFusion(n, ratio=d.r_k, axis_name="state", **common)
+        self.b_fusion = DenseFusion(n, ratio=d.r_k, inner_width=d.gate_width_k,
+                                    axis_name="state", **common)
 
   @property
   def fuses(self) -> bool:
@@ -102,9 +115,16 @@ class MambaMixer(nn.Module):
     if decode:
       window = jnp.concatenate([conv_state.astype(x.dtype), x], axis=1)  # [B,W,D]
       return jnp.einsum("bwd,wd->bd", window, w)[:, None] + b, window[:, 1:]
+    wm1 = self.cfg.conv_width - 1
+    if conv_state is not None:  # prefill continues the cached inputs (in the first token's doc)
+      x = jnp.concatenate([conv_state.astype(x.dtype), x], axis=1)
+      if segment_ids is not None:
+        segment_ids = jnp.concatenate([jnp.repeat(segment_ids[:, :1], wm1, axis=1), segment_ids],
+                                      axis=1)
+      y, tail = self._conv(x, segment_ids, None, False)
+      return y[:, wm1:], tail
     y = causal_conv(x, w, b, segment_ids)
     # Decode state: the last W-1 inputs of the last document (zeros before its start).
-    wm1 = self.cfg.conv_width - 1
     tail = jnp.pad(x, ((0, 0), (wm1, 0), (0, 0)))[:, -wm1:]
     if segment_ids is not None:
       seg = jnp.pad(segment_ids, ((0, 0), (wm1, 0)), constant_values=-1)[:, -wm1:]
@@ -126,11 +146,11 @@ class MambaMixer(nn.Module):
     features = (b, x)
     if cfg.dense.layers > 0 and level == "input":
       if self.fuses and sources:
-        x = self.x_fusion(x_hat, x, [s[1] for s in sources], cfg.dense.layers)
-        b = self.b_fusion(x_hat, b, [s[0] for s in sources], cfg.dense.layers)
-      elif self.is_initializing():
-        self.x_fusion.create_params(x_hat, x, cfg.dense.layers)
-        self.b_fusion.create_params(x_hat, b, cfg.dense.layers)
+        x = self.x_fusion(x_hat, x, [s[1] for s in sources])
+        b = self.b_fusion(x_hat, b, [s[0] for s in sources])
+      elif self.is_initializing() and owns_fusion(cfg.dense, self.layer_idx):
+        self.x_fusion.create_params(x_hat, x)
+        self.b_fusion.create_params(x_hat, b)
     a = -jnp.exp(self.a_log.astype(jnp.float32))
     h0 = None if state is None else state["ssm"]
     state_level = cfg.dense.layers > 0 and level == "state"
@@ -157,7 +177,7 @@ class MambaMixer(nn.Module):
         self.sow("intermediates", "gate", g)
         h_sum = sum(s[0] for s in sources)
         y = y + (g * jnp.einsum("btdn,btn->btd", h_sum, c.astype(jnp.float32))).astype(y.dtype)
-      elif self.is_initializing():
+      elif self.is_initializing() and owns_fusion(cfg.dense, self.layer_idx):
         self.x_fusion.gate(x_hat)
       y = y * jax.nn.silu(z)
     return self.out_proj(y), features, {"conv": conv_state, "ssm": h}

@@ -1,4 +1,4 @@
-"""Retention mixers: GAU retention of DenseRetNet (SPEC section 1) and the original multi-scale
+"""Retention mixers: GAU retention of DenseRetNet (docs/model.md) and the original multi-scale
 retention of RetNet (the "RetNet with FFN" baseline), with the dense hidden connection.
 
 GAURetention_l(x_hat):
@@ -21,7 +21,8 @@ from dense_ssm import ops
 from dense_ssm.layers.common import Linear, RMSNorm, apply_rotary, batch_mesh_axes, constrain
 from dense_ssm.layers.common import merge_heads
 from dense_ssm.layers.common import retnet_angles, split_heads
-from dense_ssm.layers.dense import DenseFusion
+from dense_ssm.layers.dense import DenseFusion, fusion_options, owns_fusion
+from dense_ssm.layers.dense import fuses as dense_fuses
 
 
 def retnet_row_factor(positions_BxT, log_decay_H):
@@ -55,16 +56,14 @@ class RetentionMixer(nn.Module):
     self.group_norm = RMSNorm(eps=cfg.norm_eps, axis_name="kv", dtype="float32",
                               param_dtype=cfg.param_dtype)
     d = cfg.dense
-    if d.layers > 0:
-      common = dict(hidden_size=cfg.hidden_size, select=d.select, projection=d.projection,
-                    fusion=d.fusion, norm_eps=cfg.norm_eps, **kw)
-      self.k_fusion = DenseFusion(cfg.qk_dim, ratio=d.r_k, **common)
-      self.v_fusion = DenseFusion(cfg.v_dim, ratio=d.r_v, **common)
+    if owns_fusion(d, self.layer_idx):
+      common = dict(hidden_size=cfg.hidden_size, norm_eps=cfg.norm_eps, **fusion_options(d), **kw)
+      self.k_fusion = DenseFusion(cfg.qk_dim, ratio=d.r_k, inner_width=d.gate_width_k, **common)
+      self.v_fusion = DenseFusion(cfg.v_dim, ratio=d.r_v, inner_width=d.gate_width_v, **common)
 
   @property
   def fuses(self) -> bool:
-    d = self.cfg.dense
-    return d.layers > 0 and self.layer_idx >= 1 and self.layer_idx % d.every == 0
+    return dense_fuses(self.cfg.dense, self.layer_idx)
 
   def __call__(self, x_hat, sources: Sequence[tuple[jax.Array, jax.Array]], segment_ids,
                positions, state=None, decode: bool = False):
@@ -78,13 +77,13 @@ class RetentionMixer(nn.Module):
       v, g = self.v_proj(x_hat), jax.nn.silu(self.g_proj(x_hat))
     features = (k, v)  # pre-fusion, handed to deeper layers
     self.sow("intermediates", "x_hat", x_hat)
-    if cfg.dense.layers > 0:
+    if owns_fusion(cfg.dense, self.layer_idx):
       if self.fuses and sources:
-        k = self.k_fusion(x_hat, k, [s[0] for s in sources], cfg.dense.layers)
-        v = self.v_fusion(x_hat, v, [s[1] for s in sources], cfg.dense.layers)
+        k = self.k_fusion(x_hat, k, [s[0] for s in sources])
+        v = self.v_fusion(x_hat, v, [s[1] for s in sources])
       elif self.is_initializing():
-        self.k_fusion.create_params(x_hat, k, cfg.dense.layers)
-        self.v_fusion.create_params(x_hat, v, cfg.dense.layers)
+        self.k_fusion.create_params(x_hat, k)
+        self.v_fusion.create_params(x_hat, v)
     self.sow("intermediates", "kv_fused", (k, v))
 
     h = cfg.num_heads
@@ -101,8 +100,8 @@ class RetentionMixer(nn.Module):
       o, state = ops.retention_parallel_normalized(q_h, k_h, v_h, log_decay,
                                                    segment_ids=segment_ids)
     elif cfg.mode == "chunkwise":
-      o, state = ops.retention(q_h, k_h, v_h, log_decay, segment_ids=segment_ids,
-                               impl=cfg.impl, chunk_size=cfg.chunk_size,
+      o, state = ops.retention(q_h, k_h, v_h, log_decay, initial_state=state,
+                               segment_ids=segment_ids, impl=cfg.impl, chunk_size=cfg.chunk_size,
                                batch_axes=batch_mesh_axes())
       o = o.astype(jnp.float32) * retnet_row_factor(positions, log_decay)[..., None]
     else:

@@ -14,16 +14,28 @@ FAMILIES = ("dense_retnet", "retnet_ffn", "mamba", "transformer")
 
 @dataclasses.dataclass(frozen=True)
 class DenseConfig:
-  """Dense hidden connection (SPEC section 2). `layers` is the dense depth m (0 = off)."""
+  """Dense hidden connection (docs/model.md). `layers` is the dense depth m (0 = off)."""
 
   layers: int = 2  # m: how many shallower layers feed each layer.
-  every: int = 1  # apply the connection only in layers l with l % every == 0
+  every: int = 1  # only layers l with l % every == 0 fuse, and only they own fusion parameters
   projection: str = "identity"  # identity | linear
   select: str = "mlp"  # mlp | linear | none
   fusion: str = "add"  # add | concat
+  concat_merge: str = "channel"  # concat only: channel (per-channel weights) | full (linear)
+  gates: str = "shared"  # shared (one gate for all m sources) | per_source (one gate each)
   r_k: int = 32  # bottleneck ratio of the key gate (H -> H / r_k)
   r_v: int = 32  # bottleneck ratio of the value gate
+  gate_width_k: int = 0  # inner width of the key gate MLP; 0: H / r_k
+  gate_width_v: int = 0  # inner width of the value gate MLP; 0: H / r_v
   mamba_level: str = "input"  # DenseMamba: input (fuse x and B) | state (readout of h_j)
+
+  def __post_init__(self):
+    for key in ("layers", "gate_width_k", "gate_width_v"):
+      if getattr(self, key) < 0:
+        raise ValueError(f"dense.{key}={getattr(self, key)} must be >= 0.")
+    for key in ("every", "r_k", "r_v"):
+      if getattr(self, key) < 1:
+        raise ValueError(f"dense.{key}={getattr(self, key)} must be >= 1.")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -20,8 +20,9 @@ Implementations:
                paper's d_k 384, d_v 1536: retention_pallas_gpu.supports); chunkwise otherwise
                (CPU, wider heads on GPU).
 
-The SPEC section 4 reference-exact *normalised* parallel form used by DenseRetNet's parallel mode
-is `retention_parallel_normalized`; the layer applies the closed-form row factor otherwise.
+The original code's exact *normalised* parallel form (docs/model.md, 'Retention modes'), used by
+DenseRetNet's parallel mode, is `retention_parallel_normalized`; the layer applies the closed-form
+row factor otherwise.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ IMPLS = ("auto", "reference", "parallel", "chunkwise", "xla", "pallas", "pallas_
 
 
 def retnet_log_decay(num_heads: int) -> jax.Array:
-  """log(gamma_h) with gamma_h = 1 - 2^(-5-h), h = 0..num_heads-1 (SPEC section 1)."""
+  """log(gamma_h) with gamma_h = 1 - 2^(-5-h), h = 0..num_heads-1 (RetNet's decays)."""
   h = jnp.arange(num_heads, dtype=jnp.float32)
   return jnp.log1p(-jnp.exp2(-5.0 - h))
 
@@ -276,7 +277,7 @@ def retention_step(q_BxHxK, k_BxHxK, v_BxHxV, log_decay, state_BxHxKxV, reset_B=
 
 
 def retention_parallel_normalized(q, k, v, log_decay_H, *, segment_ids=None):
-  """SPEC section 4 reference-exact parallel form of the original DenseRetNet code.
+  """The parallel form of the original DenseRetNet code, exactly (docs/model.md, 'Retention modes').
 
   D[i,j] = gamma^(i-j) (j <= i, same document), each row divided by sqrt(sum_j D[i,j]);
   A = (q k^T) * D; A /= clamp(sum_j |A[i,j]|, 1, 5e4) (stop-gradient); o = A v.
