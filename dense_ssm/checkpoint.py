@@ -9,15 +9,27 @@ Saving is asynchronous (training continues while the arrays are written); a step
 directory only appears once complete, so a crash mid-save leaves the previous
 checkpoint as the latest. Retention: the last `keep_last` plus every step that is a
 multiple of `keep_every` (0: none).
+
+Damage: `restore_newest` restores the newest intact step. A step whose files are missing
+(`state/`, `state/_METADATA`, `config/`, `data/`) or unreadable (a truncated or corrupt
+array file, invalid JSON) is reported in one warning line and renamed to
+`<step>.damaged-<time>` (never deleted; rename it back by hand to retry it), and the next
+older step is tried. Errors that do not prove damage (out of memory, network, permissions)
+propagate and move nothing.
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import dataclasses
+import gc
 import json
 import os
-from typing import Any, Optional
+import re
+import sys
+import time
+from typing import Any, Callable, Optional
 
 from absl import logging
 import jax
@@ -95,6 +107,106 @@ def first_mismatch(saved_tree: Any, abstract_tree: Any) -> str | None:
   return None
 
 
+class IncompatibleCheckpointError(ValueError):
+  """The checkpoint's parameters do not fit the model (a config change, not damage)."""
+
+
+class DamagedCheckpointError(RuntimeError):
+  """A checkpoint step whose files are missing or unreadable; `reason` says which."""
+
+  def __init__(self, step: int, reason: str):
+    super().__init__(f"checkpoint step {step} is damaged ({reason})")
+    self.step, self.reason = step, reason
+
+
+# TensorStore status codes that mean the bytes on disk are missing, truncated or corrupt.
+_DAMAGE_CODES = ("OUT_OF_RANGE", "FAILED_PRECONDITION", "DATA_LOSS", "NOT_FOUND",
+                 "INVALID_ARGUMENT")
+
+
+def damage_reason(error: BaseException) -> str | None:
+  """A short reason when `error` (or an exception it chains) shows missing or corrupt checkpoint
+  files; None for anything else (out of memory, network, permissions), which is no proof of
+  damage."""
+  seen = set()
+  while error is not None and id(error) not in seen:
+    seen.add(id(error))
+    if isinstance(error, (json.JSONDecodeError, UnicodeDecodeError)):
+      return f"unreadable JSON: {error}"
+    if isinstance(error, FileNotFoundError):
+      return f"missing file {error.filename or error}"
+    text = str(error).split(" [tensorstore_spec", 1)[0].strip()
+    if text.split(":", 1)[0] in _DAMAGE_CODES:
+      text = re.sub(r' in \w+ database at [^:]*"', "", text.splitlines()[0])
+      return text[:300]
+    error = error.__cause__ or error.__context__
+  return None
+
+
+def check_intact(step_dir: str, items: tuple[str, ...] = ("state", "config", "data")) -> None:
+  """Raises DamagedCheckpointError when one of the step's `items` (or `state/_METADATA`) is
+  missing."""
+  path = epath.Path(step_dir)
+  step = int(path.name) if path.name.isdigit() else -1
+  for item in items:
+    if not (path / item).is_dir():
+      raise DamagedCheckpointError(step, f"{item}/ is missing")
+  if "state" in items:
+    for name in ("_METADATA", "manifest.ocdbt"):
+      if not (path / "state" / name).exists() and (name == "_METADATA" or any(
+          (path / "state").glob("ocdbt.process_*"))):
+        raise DamagedCheckpointError(step, f"state/{name} is missing")
+
+
+def set_aside(step_dir: str) -> str:
+  """Renames a damaged step directory to `<step>.damaged-<time>` (checkpoint managers skip such
+  names); returns the new path."""
+  stamp = time.strftime("%Y%m%d-%H%M%S")
+  dest, n = f"{step_dir}.damaged-{stamp}", 1
+  while epath.Path(dest).exists():
+    dest, n = f"{step_dir}.damaged-{stamp}-{n}", n + 1
+  epath.Path(step_dir).rename(dest)
+  return dest
+
+
+@contextlib.contextmanager
+def quiet_read_errors():
+  """Orbax reads arrays in coroutines; when several fail, the ones never awaited print
+  'Exception ignored in: <coroutine ...>' tracebacks at garbage collection, and late TensorStore
+  callbacks find Orbax's event loop closed. Inside this context those are dropped (the caller
+  reports the damage once)."""
+  previous = sys.unraisablehook
+
+  def hook(unraisable):
+    error = unraisable.exc_value
+    late = isinstance(error, RuntimeError) and "Event loop is closed" in str(error)
+    if error is None or not (late or damage_reason(error) is not None):
+      previous(unraisable)
+
+  sys.unraisablehook = hook
+  try:
+    yield
+  finally:
+    gc.collect()
+    sys.unraisablehook = previous
+
+
+def warn(message: str) -> None:
+  """A warning line on stderr (process 0 only)."""
+  if jax.process_index() == 0:
+    print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+def _all_agree(ok: bool) -> bool:
+  """True iff `ok` on every process (one tiny collective when there are several)."""
+  if jax.process_count() == 1:
+    return ok
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+
+  return bool(np.all(multihost_utils.process_allgather(np.int32(ok))))
+
+
 class Checkpointer:
   """A thin wrapper of `ocp.CheckpointManager` for the train state + data state + config."""
 
@@ -110,6 +222,7 @@ class Checkpointer:
     handlers = {"state": ocp.StandardCheckpointHandler(), "data": DataStateHandler(),
                 "config": ocp.JsonCheckpointHandler()}
     self._mngr = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
+    self.skipped: dict[int, str] = {}  # damaged step -> where it was moved (or why not)
 
   def latest_step(self) -> int | None:
     return self._mngr.latest_step()
@@ -123,7 +236,7 @@ class Checkpointer:
     tree = getattr(meta, "tree", meta)
     problem = first_mismatch({"params": tree["params"]}, {"params": abstract_state["params"]})
     if problem:
-      raise ValueError(
+      raise IncompatibleCheckpointError(
           f"checkpoint {self.directory}/{step} does not fit config.model: {problem}; use a new "
           f"--workdir or the checkpoint's own config ({self.directory}/{step}/config).")
 
@@ -146,6 +259,79 @@ class Checkpointer:
         config=ocp.args.JsonRestore()))
     return out["state"], out["data"], out["config"]
 
+  def _inspect(self, step: int, abstract_state: Any) -> None:
+    """Raises DamagedCheckpointError (missing files, unreadable metadata) or
+    IncompatibleCheckpointError (another model)."""
+    check_intact(f"{self.directory}/{step}")
+    try:
+      with quiet_read_errors():
+        self.check_compatible(step, abstract_state)
+    except IncompatibleCheckpointError:
+      raise
+    except Exception as e:  # pylint: disable=broad-except  # classified just below
+      reason = damage_reason(e)
+      if reason is None:
+        raise
+      raise DamagedCheckpointError(step, f"unreadable metadata: {reason}") from None
+
+  def _set_aside(self, error: DamagedCheckpointError, say: Callable[[str], None]) -> None:
+    where = ""
+    if jax.process_index() == 0:
+      try:
+        where = f"moved it to {set_aside(f'{self.directory}/{error.step}')}"
+      except OSError as e:
+        where = f"could not move it aside ({e.strerror or e})"
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      multihost_utils.sync_global_devices(f"checkpoint_set_aside_{error.step}")
+    self.skipped[error.step] = where
+    self._mngr.reload()
+    say(f"checkpoint step {error.step} in {self.directory} is damaged ({error.reason}); "
+        f"{where}; trying the previous step")
+
+  def newest_intact_step(self, abstract_state: Any,
+                         say: Callable[[str], None] = warn) -> int | None:
+    """The newest step whose files are present, whose metadata reads and whose params fit
+    `abstract_state`; damaged newer steps are reported (`say`) and moved aside. None when there
+    is no checkpoint; ValueError when there were some but none is intact; a config mismatch
+    raises IncompatibleCheckpointError (nothing is moved)."""
+    for step in sorted(set(self.all_steps()) - set(self.skipped), reverse=True):
+      try:
+        self._inspect(step, abstract_state)
+        return step
+      except DamagedCheckpointError as e:
+        self._set_aside(e, say)
+    if self.skipped:
+      steps = ", ".join(str(s) for s in sorted(self.skipped, reverse=True))
+      raise ValueError(
+          f"no intact checkpoint in {self.directory}: step(s) {steps} are damaged and were set "
+          f"aside as <step>.damaged-<time>; run again to start from step 0, or use another "
+          "--workdir")
+    return None
+
+  def restore_newest(self, abstract_state: Any, say: Callable[[str], None] = warn
+                     ) -> tuple[int, Any, Any, dict] | None:
+    """(step, state, data state or None, config) of the newest intact step (see
+    `newest_intact_step`; a step whose arrays fail to read is set aside too), or None when the
+    directory has no checkpoint."""
+    while True:
+      step = self.newest_intact_step(abstract_state, say)
+      if step is None:
+        return None
+      error, out = None, None
+      try:
+        with quiet_read_errors():
+          out = self.restore(step, abstract_state)
+      except Exception as e:  # pylint: disable=broad-except  # classified just below
+        reason = damage_reason(e)
+        if reason is None:
+          raise
+        error = DamagedCheckpointError(step, reason)
+      if _all_agree(error is None):
+        return (step, *out)
+      self._set_aside(error or DamagedCheckpointError(step, "another process could not read "
+                                                            "it"), say)
+
   def wait(self) -> None:
     self._mngr.wait_until_finished()
 
@@ -161,4 +347,6 @@ class Checkpointer:
     self._mngr.close()
 
 
-__all__ = ["Checkpointer", "first_mismatch", "DataStateSave", "DataStateRestore"]
+__all__ = ["Checkpointer", "first_mismatch", "DataStateSave", "DataStateRestore",
+           "DamagedCheckpointError", "IncompatibleCheckpointError", "damage_reason",
+           "check_intact", "set_aside", "quiet_read_errors"]

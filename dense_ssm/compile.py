@@ -11,6 +11,7 @@ step, and whether that fits the chip's HBM.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from dense_ssm import models, optim, sharding, train_log, train_step
@@ -45,7 +46,13 @@ def compile_for_topology(config, topology: str, *, verbose: bool = True) -> dict
   fns = train_step.build(models.build_model(cfg), tx, schedule, mesh,
                          seq_len=config.data.seq_len, grad_accum=t.grad_accum, seed=t.seed)
   batch = sharding.abstract_batch(t.batch_size, config.data.seq_len, mesh)
-  compiled = fns.train_step.lower(fns.abstract_state, batch).compile()
+  lowered = fns.train_step.lower(fns.abstract_state, batch)
+  try:
+    compiled = lowered.compile()
+  except Exception as e:  # pylint: disable=broad-except  # XLA's out-of-memory is a runtime error
+    if "RESOURCE_EXHAUSTED" not in str(e):
+      raise
+    raise ValueError(out_of_memory_message(str(e), config, topology, devices)) from None
   mem = train_log.memory_report(compiled)
   hbm = train_log.hbm_bytes_per_device(devices[0])
   n_params = train_step.param_count(fns.abstract_state)
@@ -68,6 +75,34 @@ def compile_for_topology(config, topology: str, *, verbose: bool = True) -> dict
   return report
 
 
+_OOM_AMOUNTS = re.compile(r"required for ([\w ]+?) \(([\d.]+\s*[KMGT]?i?B?)\) exceeds "
+                          r"available HBM \(([\d.]+\s*[KMGT]?i?B?)\)")
+
+
+def out_of_memory_message(error: str, config, topology: str, devices: list[Any]) -> str:
+  """One line for XLA's RESOURCE_EXHAUSTED at compile time: bytes needed vs available per chip
+  and the settings that lower the need."""
+  t, n = config.train, len(devices)
+  found = _OOM_AMOUNTS.search(error)
+  if found:
+    what, need, have = found.groups()
+    amounts = f"one chip needs {need} for {what} but has {have} of HBM"
+  else:
+    last = " ".join(error.strip().splitlines()[-1].split()) if error.strip() else "out of memory"
+    amounts = f"one chip runs out of memory ({last})"
+  per_chip = f"{t.batch_size / n:g}"
+  micro = f", grad_accum={t.grad_accum}" if t.grad_accum > 1 else ""
+  levers = [] if config.model.remat else ["recompute activations (--config.model.remat=true)"]
+  levers += [f"split the batch into more micro-batches (--config.train.grad_accum="
+             f"{2 * t.grad_accum} or more)",
+             "lower the per-chip batch (--config.train.batch_size)",
+             "use more chips (a larger --topology)"]
+  return (f"the train step does not fit {topology} ({n} x {devices[0].device_kind}): {amounts} "
+          f"(batch {t.batch_size} x {config.data.seq_len} tokens, {per_chip} sequences per chip"
+          f"{micro}, remat={bool(config.model.remat)}); to fit, "
+          f"{', '.join(levers[:-1])} or {levers[-1]}.")
+
+
 def _format(r: dict[str, Any]) -> str:
   fb = train_log.format_bytes
   mem = r["memory_bytes"]
@@ -86,4 +121,4 @@ def _format(r: dict[str, Any]) -> str:
   return "\n".join(lines)
 
 
-__all__ = ["compile_for_topology", "topology_devices"]
+__all__ = ["compile_for_topology", "out_of_memory_message", "topology_devices"]

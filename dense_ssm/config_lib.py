@@ -76,6 +76,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.checkpoint_every = 500
   c.train.keep_last = 3
   c.train.keep_every = 0  # 0: keep no extra permanent checkpoints
+  # Resume from a checkpoint that lacks this run's data-iterator state (saved by another
+  # number of processes), restarting the data from its beginning; otherwise that is an error.
+  c.train.allow_data_replay = False
   c.train.profile_steps = 0
 
   # Mesh (dense_ssm/sharding.py): -1 fills the remaining devices.

@@ -171,17 +171,37 @@ def load_checkpoint(path: str) -> dict[str, Any]:
     return load_state_dict(path)
   for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
     if os.path.exists(os.path.join(path, index)):
-      with open(os.path.join(path, index)) as f:
-        shards = sorted(set(json.load(f)["weight_map"].values()))
       sd: dict[str, Any] = {}
-      for shard in shards:
-        sd.update(load_state_dict(os.path.join(path, shard)))
+      for shard in shard_files(os.path.join(path, index)):
+        sd.update(load_state_dict(shard))
       return sd
   for name in ("model.safetensors", "pytorch_model.bin"):
     if os.path.exists(os.path.join(path, name)):
       return load_state_dict(os.path.join(path, name))
   raise FileNotFoundError(f"{path!r} has no model.safetensors, pytorch_model.bin or shard index; "
                           "pass the weights file as --checkpoint.")
+
+
+def shard_files(index_path: str) -> list[str]:
+  """The shard paths listed by a *.index.json ("weight_map": {tensor name: shard file}). An
+  index is untrusted input: shard names must be relative paths inside the index's directory
+  (no absolute paths, no ".."); symbolic links there are followed (the Hugging Face cache links
+  each file to its blob)."""
+  folder = os.path.dirname(index_path)
+  try:
+    with open(index_path) as f:
+      weight_map = json.load(f)["weight_map"]
+    names = sorted(set(weight_map.values()))
+  except (ValueError, KeyError, TypeError, AttributeError) as e:
+    raise ValueError(f"{index_path} is not a shard index (needs \"weight_map\": {{tensor: "
+                     f"file}}): {type(e).__name__}: {e}") from None
+  for name in names:
+    parts = name.replace("\\", "/").split("/") if isinstance(name, str) else [""]
+    if not isinstance(name, str) or not name or os.path.isabs(name) or ".." in parts or \
+        ":" in parts[0]:
+      raise ValueError(f"{index_path} lists shard {name!r}, which is not a file name inside "
+                       f"{folder}; refusing to read it (shards must sit next to the index).")
+  return [os.path.join(folder, name) for name in names]
 
 
 def read_json(path: str) -> dict[str, Any]:
@@ -339,12 +359,16 @@ def _find_tokenizer(checkpoint: str, given: str | None):
 
 def convert(kind: str, checkpoint: str, out: str, *, config: str | None = None,
             tokenizer: str | None = None, dense_layers: int | None = None,
-            dtype: str | None = None) -> str:
-  """Converts a checkpoint (`kind` retnet | mamba-hf) to an export directory; returns `out`."""
+            dtype: str | None = None, overwrite: bool = False) -> str:
+  """Converts a checkpoint (`kind` retnet | mamba-hf) to an export directory; returns `out`.
+  A non-empty `out` is refused unless `overwrite` (then replaced whole once the new export is
+  written), and so is an `out` that is, contains or lies inside the checkpoint."""
   from dense_ssm import export  # pylint: disable=g-import-not-at-top
 
   if not os.path.exists(checkpoint):
     raise FileNotFoundError(f"--checkpoint={checkpoint} does not exist.")
+  export.check_not_inside(out, checkpoint, "--checkpoint")
+  export.check_out_dir(out, overwrite)
   folder = checkpoint if os.path.isdir(checkpoint) else os.path.dirname(checkpoint)
   meta = read_json(config or os.path.join(folder, "config.json"))
   sd = load_checkpoint(checkpoint)
@@ -362,7 +386,7 @@ def convert(kind: str, checkpoint: str, out: str, *, config: str | None = None,
   pre = export.Pretrained(cfg=cfg, params=params, tokenizer=tok, add_bos=kind == "retnet",
                           source=os.path.abspath(checkpoint), **ids)
   export.check_tokenizer(tok, cfg, checkpoint)
-  return export.save_pretrained(pre, out, dtype=dtype)
+  return export.save_pretrained(pre, out, dtype=dtype, overwrite=overwrite)
 
 
 def main(argv=None) -> int:
@@ -374,6 +398,8 @@ def main(argv=None) -> int:
                  help="retnet: original DenseRetNet code; mamba-hf: transformers MambaForCausalLM")
   p.add_argument("--checkpoint", required=True, help="checkpoint directory or weights file")
   p.add_argument("--out", required=True, help="export directory to write")
+  p.add_argument("--overwrite", action="store_true",
+                 help="replace a non-empty --out (swapped in once the new export is complete)")
   p.add_argument("--config", default=None, help="config.json (default: next to the weights)")
   p.add_argument("--tokenizer", default=None,
                  help="SentencePiece .model (default: tokenizer.model next to the weights)")
@@ -384,7 +410,7 @@ def main(argv=None) -> int:
   a = p.parse_args(argv)
   with cli.user_errors("dense_ssm.convert", a.traceback, extra=(ImportError,)):  # no torch
     out = convert(a.kind, a.checkpoint, a.out, config=a.config, tokenizer=a.tokenizer,
-                  dense_layers=a.dense_layers, dtype=a.dtype)
+                  dense_layers=a.dense_layers, dtype=a.dtype, overwrite=a.overwrite)
   print(f"converted {a.checkpoint} ({a.kind}) to {out}")
   return 0
 

@@ -26,10 +26,13 @@ dropped for being empty or whitespace only.
 Train/validation split (tfds uses its own splits): a document is validation iff
 u(key) < data.valid_fraction, u = splitmix64(md5(relative path) + index) / 2^64, index = line
 (jsonl), record (arrayrecord) or 0 (a file). If that leaves validation empty while
-valid_fraction > 0, the document with the smallest u is moved to it. pysrc instead takes u
-from the document's content (the first 52 bits of its sha256), so the split is the same on every
-machine with the same files, wherever they are installed; with max_chars the cap applies in hash
-order, before the split.
+valid_fraction > 0, the document with the smallest u is moved to it. A stdlib / text / jsonl
+source of a single non-empty document (e.g. text: with one file) is first cut into about
+SINGLE_DOCUMENT_PIECES runs of whole lines, split in the same way (index = piece), so that
+neither split is empty. pysrc instead takes u
+from the document's content (the last 52 bits of its sha256; the order uses the whole digest), so
+the split is the same on every machine with the same files, wherever they are installed; with
+max_chars the cap applies in hash order, before the split.
 
 Packing (grain ConcatThenSplit): each document becomes [BOS] ids [EOS] (data.add_bos/add_eos);
 documents are concatenated and cut into rows of seq_len + 1 tokens. A document longer than the
@@ -73,6 +76,7 @@ Batch = dict[str, np.ndarray]
 SCHEMES = ("text", "jsonl", "tfds", "arrayrecord")
 TOKENIZER_FILE = "tokenizer.model"
 FEATURES = ("inputs", "targets", "segment_ids", "positions", "weights")
+SINGLE_DOCUMENT_PIECES = 100  # a text source of one document is split in this many pieces
 
 
 @dataclasses.dataclass
@@ -198,7 +202,7 @@ def _read_pysrc(d, split: str) -> Documents:
   if not listing.digests:
     raise ValueError(f"data.source={d.source!r}: no non-blank *.py files under {list(_pysrc_roots())}; "
                      "use data.source=stdlib or text:GLOB")
-  u = np.asarray([int(h[:13], 16) for h in listing.digests], np.float64) / float(2**52)
+  u = np.asarray([int(h[-13:], 16) for h in listing.digests], np.float64) / float(2**52)
   stats = DataStats(source=d.source, split=split, num_chars=-1, empty_documents=listing.blank)
   if d.max_chars:  # eager and bounded: the first documents in hash order, the last one cut
     texts, budget = [], d.max_chars
@@ -256,7 +260,7 @@ def _read_text_docs(scheme: str, arg: str, d, split: str) -> Documents:
   """Eager: reads stdlib / text / jsonl documents (capped by max_chars) and keeps `split`."""
   files = _stdlib_files() if scheme == "stdlib" else _glob(arg, d.source)
   stats = DataStats(source=d.source, split=split)
-  texts, hashes, budget = [], [], d.max_chars or math.inf
+  texts, hashes, rels, budget = [], [], [], d.max_chars or math.inf
   for path, rel in files:
     with open(path, "rb") as f:
       text, replaced = _decode(f.read())
@@ -274,6 +278,7 @@ def _read_text_docs(scheme: str, arg: str, d, split: str) -> Documents:
       budget -= len(doc)
       texts.append(doc)
       hashes.append(ui)
+      rels.append(rel)
       if budget <= 0:
         break
     if budget <= 0:
@@ -282,6 +287,11 @@ def _read_text_docs(scheme: str, arg: str, d, split: str) -> Documents:
   stats.empty_documents = len(texts) - len(nonempty)
   if not nonempty:
     raise ValueError(f"data.source={d.source!r} has no non-empty documents; point it at real text")
+  if len(nonempty) == 1 and d.valid_fraction > 0:  # one document: split inside it
+    one = nonempty[0]
+    texts = [p for p in _cut_document(texts[one], SINGLE_DOCUMENT_PIECES) if p.strip()]
+    hashes = list(_unit_hash(f"{rels[one]}#pieces", np.arange(len(texts), dtype=np.int64)))
+    nonempty = list(range(len(texts)))
   keep = _split_mask(np.asarray(hashes)[nonempty], d.valid_fraction, split)
   items = [texts[i] for i, k in zip(nonempty, keep) if k]
   stats.num_documents, stats.num_chars = len(items), sum(map(len, items))
@@ -289,6 +299,24 @@ def _read_text_docs(scheme: str, arg: str, d, split: str) -> Documents:
     raise ValueError(f"data.source={d.source!r} has no non-empty {split} documents; add documents "
                      "or change data.valid_fraction")
   return Documents(items, pretokenized=False, stats=stats)
+
+
+def _cut_document(text: str, pieces: int) -> list[str]:
+  """`text` cut into about `pieces` runs of whole lines (of characters if it has one line)."""
+  size = max(1, -(-len(text) // pieces))
+  lines = text.splitlines(keepends=True)
+  if len(lines) < 2:
+    lines = [text[i:i + size] for i in range(0, len(text), size)]
+  out, run, run_len = [], [], 0
+  for line in lines:
+    run.append(line)
+    run_len += len(line)
+    if run_len >= size:
+      out.append("".join(run))
+      run, run_len = [], 0
+  if run:
+    out.append("".join(run))
+  return out
 
 
 def _jsonl_text(line: str, path: str, index: int, field: str) -> str | None:
@@ -552,12 +580,12 @@ def make_train_iterator(config, tokenizer: Tokenizer | None, *, seed: int | None
 
   `tokenizer` may be None only for pre-tokenized (arrayrecord) and mqar sources.
   """
+  if _mqar_spec(config):
+    return _mqar_train_iterator(config, seed, process_index, process_count)
   import grain  # pylint: disable=g-import-not-at-top
 
   d = config.data
   process_index, process_count, batch = _hosts(config, process_index, process_count)
-  if _mqar_spec(config):
-    return _mqar_train_iterator(config, seed, process_index, process_count)
   docs = load_documents(config, "train")
   if len(docs.items) < process_count:
     raise ValueError(f"{len(docs.items)} train documents cannot feed {process_count} hosts; "
@@ -583,11 +611,11 @@ def make_eval_batches(config, tokenizer: Tokenizer | None, *, max_batches: int |
   At most `max_batches` (None or 0: all) batches; every host gets the same count, the last
   batch padded with all-zero rows (weights 0).
   """
+  if _mqar_spec(config):
+    return _mqar_eval_batches(config, max_batches, process_index, process_count)
   import grain  # pylint: disable=g-import-not-at-top
 
   process_index, process_count, batch = _hosts(config, process_index, process_count)
-  if _mqar_spec(config):
-    return _mqar_eval_batches(config, max_batches, process_index, process_count)
   docs = load_documents(config, "valid")
   ds = grain.MapDataset.source(docs.items).map(_tokens_fn(docs, config, tokenizer))
   num_rows = max_batches * config.train.batch_size if max_batches else None
@@ -623,6 +651,7 @@ def _mqar_spec(config):
 def _mqar_train_iterator(config, seed, process_index, process_count) -> TrainIterator:
   from dense_ssm import mqar  # pylint: disable=g-import-not-at-top
 
+  process_index, process_count, _ = _hosts(config, process_index, process_count)
   d, batch = config.data, config.train.batch_size
   stream = d.shuffle_seed if seed is None else seed
   it = mqar.TrainStream(_mqar_spec(config), d.seq_len, batch, process_index, process_count,
@@ -635,6 +664,7 @@ def _mqar_train_iterator(config, seed, process_index, process_count) -> TrainIte
 def _mqar_eval_batches(config, max_batches, process_index, process_count) -> list[Batch]:
   from dense_ssm import mqar  # pylint: disable=g-import-not-at-top
 
+  process_index, process_count, _ = _hosts(config, process_index, process_count)
   return mqar.eval_batches(_mqar_spec(config), config.data.seq_len, config.train.batch_size,
                            process_index, process_count, max_batches)
 

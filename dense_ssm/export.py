@@ -10,23 +10,31 @@ An export directory holds everything inference needs, and nothing of training:
                            imports only jax and numpy (a copy of dense_ssm/serve.py)
 
 `load_pretrained(OUT)` returns a `Pretrained` (config, params, tokenizer) without Orbax or any
-training state; `load_workdir(DIR)` reads the params (only) of a training run's latest Orbax
-checkpoint. Both check the params against the config and name the first mismatch.
+training state; `load_workdir(DIR)` reads the params (only) of a training run's newest intact
+Orbax checkpoint (a damaged newer step is reported in one line and set aside, as the trainer
+does, unless a training run holds the workdir). Both check the params against the config and
+name the first mismatch.
+
+Writing never mixes old and new files: an export is written to a temporary sibling directory
+and swapped in whole. A non-empty OUT is refused unless `overwrite` (`--overwrite`); then the
+old directory is replaced only once the new one is complete.
 """
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import json
 import os
 import shutil
 import sys
-from typing import Any, Mapping
+import tempfile
+from typing import Any, Callable, Mapping
 
 import numpy as np
 
 from dense_ssm import cli
-from dense_ssm.models.config import ModelConfig
+from dense_ssm.models.config import FLOAT_DTYPES, ModelConfig
 
 FORMAT = "dense_ssm"
 CONFIG_FILE = "config.json"
@@ -122,37 +130,118 @@ def check_tokenizer(tokenizer, cfg: ModelConfig, where: str) -> None:
 # ------------------------------------------------------------------------------ save / load
 
 
-def save_pretrained(pre: Pretrained, out: str, *, dtype: str | None = None) -> str:
-  """Writes config.json, model.safetensors and tokenizer.model under `out`; returns `out`.
+def _exchange(a: str, b: str) -> bool:
+  """Atomically swaps two paths (Linux renameat2 RENAME_EXCHANGE); False where unsupported."""
+  if not sys.platform.startswith("linux"):
+    return False
+  try:
+    renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+  except (OSError, AttributeError):
+    return False
+  renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p,
+                        ctypes.c_uint]
+  at_fdcwd, rename_exchange = -100, 2
+  return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
+
+
+def check_out_dir(out: str, overwrite: bool) -> str:
+  """The absolute `out`; raises unless it is absent, an empty directory, or `overwrite`."""
+  out = os.path.abspath(os.path.expanduser(out))
+  if os.path.exists(out) and not os.path.isdir(out):
+    raise FileExistsError(f"--out={out} is a file, not a directory; choose a directory path.")
+  if os.path.isdir(out) and os.listdir(out) and not overwrite:
+    raise FileExistsError(f"--out={out} is not empty; pass --overwrite (overwrite=True) to "
+                          "replace it once the new export is complete, or choose another "
+                          "directory.")
+  return out
+
+
+def check_not_inside(out: str, source: str, label: str, *, allow_inside: bool = False) -> None:
+  """Refuses an `out` that is `source`, contains it, or (unless `allow_inside`) lies inside it:
+  replacing `out` would delete the input or mix the export with it."""
+  o, s = os.path.realpath(out), os.path.realpath(source)
+  inside = o.startswith(s + os.sep) and not allow_inside
+  if o == s or s.startswith(o + os.sep) or inside:
+    where = "is the same as" if o == s else "contains" if s.startswith(o + os.sep) else "is inside"
+    raise ValueError(f"--out={out} {where} {label} ({source}); write the export to a "
+                     "directory outside it.")
+
+
+def write_directory(out: str, write: Callable[[str], Any], *, overwrite: bool = False) -> str:
+  """Runs `write(tmp)` on a new temporary sibling of `out`, then swaps it in: a crash leaves
+  the old or the new directory, never a mix (the old one is deleted after the swap). Refuses a
+  non-empty `out` unless `overwrite`. Returns `out`."""
+  out = check_out_dir(out, overwrite)
+  if os.path.islink(out):
+    out = os.path.realpath(out)  # replace the directory it points to, keep the link
+  parent, name = os.path.split(out)
+  os.makedirs(parent, exist_ok=True)
+  tmp = tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=parent)
+  try:
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private
+    write(tmp)
+    if not os.path.exists(out):
+      os.rename(tmp, out)
+      return out
+    check_out_dir(out, overwrite)  # still true now that the export is written?
+    if _exchange(tmp, out):
+      shutil.rmtree(tmp)  # holds the old directory now
+      return out
+    old = tempfile.mkdtemp(prefix=f".{name}.old-", dir=parent)
+    os.rename(out, os.path.join(old, name))  # no swap primitive: two renames, old kept aside
+    try:
+      os.rename(tmp, out)
+    except OSError:
+      os.rename(os.path.join(old, name), out)
+      raise
+    shutil.rmtree(old)
+    return out
+  finally:
+    if os.path.exists(tmp):
+      shutil.rmtree(tmp, ignore_errors=True)
+
+
+def save_pretrained(pre: Pretrained, out: str, *, dtype: str | None = None,
+                    overwrite: bool = False) -> str:
+  """Writes config.json, model.safetensors and tokenizer.model (when there is a tokenizer) as
+  the directory `out`; returns `out`. A non-empty `out` is refused unless `overwrite`, which
+  replaces it whole once the new files are written (`write_directory`).
 
   `dtype` (e.g. "bfloat16") casts floating params for a smaller file; the config's
   param_dtype is updated to match.
   """
+  return write_directory(out, lambda tmp: write_export(pre, tmp, dtype=dtype, where=out),
+                         overwrite=overwrite)
+
+
+def write_export(pre: Pretrained, out: str, *, dtype: str | None = None,
+                 where: str | None = None) -> str:
+  """Writes the export files into the existing, empty directory `out` (errors name `where`,
+  default `out`)."""
   from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
 
   flat = flatten_params(pre.params)
   cfg = pre.cfg
   if dtype:
+    check_dtype(dtype)
     import jax.numpy as jnp  # pylint: disable=g-import-not-at-top  # bfloat16 numpy dtype
     np_dtype = jnp.dtype(dtype)
     flat = {k: v.astype(np_dtype) if np.issubdtype(v.dtype, np.floating) or
             v.dtype == jnp.bfloat16 else v for k, v in flat.items()}
     cfg = dataclasses.replace(cfg, param_dtype=dtype)
-  check_params(flat, cfg, out)
-  os.makedirs(out, exist_ok=True)
+  check_params(flat, cfg, where or out)
   save_file({k: np.ascontiguousarray(v) for k, v in flat.items()},
             os.path.join(out, PARAMS_FILE), metadata={"format": FORMAT})
   meta = {"format": FORMAT, "version": 1, "model": cfg.to_dict(), "add_bos": pre.add_bos,
           "bos_id": pre.bos_id, "eos_id": pre.eos_id, "pad_id": pre.pad_id,
-          "source": pre.source}
+          "source": pre.source, "architecture": cfg.architecture()}
   with open(os.path.join(out, CONFIG_FILE), "w") as f:
     json.dump(meta, f, indent=2)
-  tok_path = os.path.join(out, TOKENIZER_FILE)
   if pre.tokenizer is not None:
-    with open(tok_path, "wb") as f:
+    with open(os.path.join(out, TOKENIZER_FILE), "wb") as f:
       f.write(pre.tokenizer.model_proto)
-  elif os.path.exists(tok_path):
-    os.remove(tok_path)
   return out
 
 
@@ -164,9 +253,13 @@ def read_export_config(directory: str) -> dict[str, Any]:
   if not os.path.exists(path):
     raise FileNotFoundError(f"{directory!r} has no {CONFIG_FILE}: not an export directory (a "
                             "training run? pass it as --workdir).")
-  with open(path) as f:
-    meta = json.load(f)
-  if meta.get("format") != FORMAT or "model" not in meta:
+  try:
+    with open(path, encoding="utf-8") as f:
+      meta = json.load(f)
+  except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    raise ValueError(f"{path} is not valid JSON ({e}); export the model again.") from None
+  if not isinstance(meta, dict) or meta.get("format") != FORMAT or \
+      not isinstance(meta.get("model"), dict):
     raise ValueError(f"{path} is not a dense_ssm export config (needs \"format\": \"{FORMAT}\" "
                      "and a \"model\" section).")
   return meta
@@ -180,13 +273,28 @@ def load_pretrained(directory: str, *, dtype: str | None = None) -> Pretrained:
   from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
 
   meta = read_export_config(directory)
-  cfg = ModelConfig.from_dict(meta["model"])
+  config_path = os.path.join(directory, CONFIG_FILE)
+  try:
+    cfg = ModelConfig.from_dict(meta["model"])
+  except (TypeError, ValueError) as e:
+    raise ValueError(f"{config_path}: {e}") from None
+  check_architecture(meta, cfg, config_path)
+  ids = {key: _meta_int(meta, key, default, config_path)
+         for key, default in (("bos_id", 1), ("eos_id", 2), ("pad_id", 0))}
   if dtype:
+    check_dtype(dtype)
     cfg = dataclasses.replace(cfg, dtype=dtype)
   params_path = os.path.join(directory, PARAMS_FILE)
   if not os.path.exists(params_path):
     raise FileNotFoundError(f"{directory!r} has no {PARAMS_FILE}; export it again.")
-  flat = load_file(params_path)
+  try:
+    flat = load_file(params_path)
+  except PermissionError:
+    raise
+  except Exception as e:  # pylint: disable=broad-except  # safetensors' own error type
+    first = " ".join(str(e).split()) or type(e).__name__
+    raise ValueError(f"{params_path} cannot be read ({first}): the file is damaged or "
+                     "truncated; export the model again.") from None
   check_params(flat, cfg, directory)
   tokenizer = None
   tok_path = os.path.join(directory, TOKENIZER_FILE)
@@ -195,9 +303,40 @@ def load_pretrained(directory: str, *, dtype: str | None = None) -> Pretrained:
     tokenizer = Tokenizer.from_file(tok_path)
     check_tokenizer(tokenizer, cfg, directory)
   return Pretrained(cfg=cfg, params=unflatten_params(flat), tokenizer=tokenizer,
-                    add_bos=bool(meta.get("add_bos", True)), bos_id=int(meta.get("bos_id", 1)),
-                    eos_id=int(meta.get("eos_id", 2)), pad_id=int(meta.get("pad_id", 0)),
-                    source=directory)
+                    add_bos=bool(meta.get("add_bos", True)), **ids, source=directory)
+
+
+def check_dtype(dtype: str) -> None:
+  """A `--dtype` value must name a float dtype."""
+  if dtype not in FLOAT_DTYPES:
+    raise ValueError(f"--dtype={dtype!r} is not a float dtype; use one of "
+                     f"{', '.join(FLOAT_DTYPES)}.")
+
+
+def _meta_int(meta: Mapping[str, Any], key: str, default: int, path: str) -> int:
+  value = meta.get(key, default)
+  if isinstance(value, bool) or not isinstance(value, int):
+    raise ValueError(f"{path}: {key}={value!r} must be an integer token id; export the model "
+                     "again or fix it.")
+  return value
+
+
+def check_architecture(meta: Mapping[str, Any], cfg: ModelConfig, path: str) -> None:
+  """Refuses a config.json whose model section differs from the `architecture` recorded with
+  the weights (exports without that record are not checked)."""
+  recorded = meta.get("architecture")
+  if not isinstance(recorded, dict):
+    return
+  now = cfg.architecture()
+  for key in sorted(set(recorded) | set(now)):
+    a, b = recorded.get(key), now.get(key)
+    pairs = [(f"{key}.{k}", a.get(k), b.get(k)) for k in sorted(set(a) | set(b))] \
+        if isinstance(a, dict) and isinstance(b, dict) else [(key, a, b)]
+    for name, want, have in pairs:
+      if want != have:
+        raise ValueError(f"{path}: model.{name} is {have!r} but the weights were trained with "
+                         f"{want!r}; set it back to {json.dumps(want)} (the \"architecture\" "
+                         "section records the trained values) or export the model again.")
 
 
 def checkpoint_steps(workdir: str) -> list[int]:
@@ -209,37 +348,109 @@ def checkpoint_steps(workdir: str) -> list[int]:
                 if d.isdigit() and os.path.isdir(os.path.join(root, d, "state")))
 
 
+def _step_numbers(workdir: str) -> list[int]:
+  """Every checkpoint step directory, intact or not (finished steps only: Orbax names a step
+  directory once it is complete)."""
+  root = os.path.join(workdir, "checkpoints")
+  if not os.path.isdir(root):
+    return []
+  return sorted(int(d) for d in os.listdir(root)
+                if d.isdigit() and os.path.isdir(os.path.join(root, d)))
+
+
 def load_workdir(workdir: str, step: int | None = None, *,
                  dtype: str | None = None) -> Pretrained:
-  """Params (no optimizer state) of checkpoint `step` (default: the latest) of a training run,
-  with its config and tokenizer (`config.data.tokenizer`, else `workdir/tokenizer.model`)."""
-  import jax  # pylint: disable=g-import-not-at-top
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-
-  steps = checkpoint_steps(workdir)
+  """Params (no optimizer state) of checkpoint `step` (default: the newest intact one) of a
+  training run, with its config and tokenizer (`config.data.tokenizer`, else
+  `workdir/tokenizer.model`). Without `step`, a damaged step (missing or unreadable files) is
+  reported in one warning line, renamed to `<step>.damaged-<time>` unless a training run holds
+  the workdir, and the next older step is tried; a damaged `step` given explicitly is an
+  error."""
+  if dtype:
+    check_dtype(dtype)
+  steps = _step_numbers(workdir)
   if not steps:
     raise FileNotFoundError(f"--workdir={workdir} has no checkpoint (no {workdir}/checkpoints/"
                             "<step>/state); train first, or pass an export directory as --model.")
-  if step is None:
-    step = steps[-1]
-  elif step not in steps:
-    raise FileNotFoundError(f"--workdir={workdir} has no checkpoint of step {step}; it has "
-                            f"{steps}.")
+  from dense_ssm import checkpoint  # pylint: disable=g-import-not-at-top
+
+  if step is not None:
+    if step not in steps:
+      raise FileNotFoundError(f"--workdir={workdir} has no checkpoint of step {step}; it has "
+                              f"{steps}.")
+    try:
+      return _load_step(workdir, step, dtype)
+    except checkpoint.DamagedCheckpointError as e:
+      raise ValueError(f"--workdir={workdir}: checkpoint step {step} is damaged ({e.reason}); "
+                       f"choose another --step (steps: {steps}).") from None
+  for s in reversed(steps):
+    try:
+      return _load_step(workdir, s, dtype)
+    except checkpoint.DamagedCheckpointError as e:
+      _skip_damaged(workdir, e)
+  raise ValueError(f"--workdir={workdir} has no intact checkpoint (steps {steps} are damaged); "
+                   "train again, or pass an export directory as --model.")
+
+
+def _skip_damaged(workdir: str, error) -> None:
+  """One warning line; the step is set aside unless a training run holds the workdir."""
+  from dense_ssm import checkpoint, workdir_lock  # pylint: disable=g-import-not-at-top
+
+  step_dir = os.path.join(os.path.abspath(workdir), "checkpoints", str(error.step))
+  holder = workdir_lock.holder(os.path.abspath(workdir))
+  if holder is not None:
+    where = f"left in place while {workdir_lock.describe(holder)} trains in this workdir"
+  else:
+    try:
+      where = f"moved it to {checkpoint.set_aside(step_dir)}"
+    except OSError as e:
+      where = f"could not move it aside ({e.strerror or e})"
+  checkpoint.warn(f"checkpoint step {error.step} in {os.path.dirname(step_dir)} is damaged "
+                  f"({error.reason}); {where}; trying the previous step")
+
+
+def _guarded(step: int, fn: Callable[..., Any], *args, **kwargs) -> Any:
+  """fn(...), with read errors that show damaged files raised as DamagedCheckpointError."""
+  from dense_ssm import checkpoint  # pylint: disable=g-import-not-at-top
+
+  try:
+    with checkpoint.quiet_read_errors():
+      return fn(*args, **kwargs)
+  except Exception as e:  # pylint: disable=broad-except  # classified just below
+    reason = checkpoint.damage_reason(e)
+    if reason is None:
+      raise
+    raise checkpoint.DamagedCheckpointError(step, reason) from None
+
+
+def _load_step(workdir: str, step: int, dtype: str | None) -> Pretrained:
+  import jax  # pylint: disable=g-import-not-at-top
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+
+  from dense_ssm import checkpoint  # pylint: disable=g-import-not-at-top
+
   ckpt = os.path.join(os.path.abspath(workdir), "checkpoints", str(step))
-  config = ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(os.path.join(ckpt, "config"))
+  checkpoint.check_intact(ckpt, ("state", "config"))
+  config = _guarded(step, ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore,
+                    os.path.join(ckpt, "config"))
+  if not isinstance(config, dict) or not isinstance(config.get("model"), dict):
+    raise checkpoint.DamagedCheckpointError(step, "config/ has no model section")
   cfg = ModelConfig.from_dict(config["model"])
   shapes = expected_shapes(cfg)
-  meta = ocp.PyTreeCheckpointer().metadata(os.path.join(ckpt, "state"))
-  saved = _flat_leaves(getattr(meta, "item_metadata", meta)["params"])
+  meta = _guarded(step, ocp.PyTreeCheckpointer().metadata, os.path.join(ckpt, "state"))
+  tree = getattr(meta, "item_metadata", meta)
+  if not hasattr(tree, "keys") or "params" not in tree:
+    raise checkpoint.DamagedCheckpointError(step, "state/ metadata has no params")
+  saved = _flat_leaves(tree["params"])
   check_params({k: np.empty(v.shape, np.int8) for k, v in saved.items()}, cfg, ckpt)
   sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   dt = jax.numpy.dtype(cfg.param_dtype)
   target = {"params": unflatten_params(
       {k: jax.ShapeDtypeStruct(s, dt, sharding=sharding) for k, s in shapes.items()})}
   restore_args = jax.tree.map(lambda _: ocp.ArrayRestoreArgs(sharding=sharding), target)
-  state = ocp.PyTreeCheckpointer().restore(
-      os.path.join(ckpt, "state"),
-      args=ocp.args.PyTreeRestore(item=target, restore_args=restore_args, partial_restore=True))
+  state = _guarded(step, ocp.PyTreeCheckpointer().restore, os.path.join(ckpt, "state"),
+                   args=ocp.args.PyTreeRestore(item=target, restore_args=restore_args,
+                                               partial_restore=True))
   if dtype:
     cfg = dataclasses.replace(cfg, dtype=dtype)
   data = config.get("data", {})
@@ -346,6 +557,8 @@ def main(argv=None) -> int:
       "\n")[0])
   p.add_argument("--workdir", required=True, help="training run directory (Orbax checkpoints)")
   p.add_argument("--out", required=True, help="export directory to write")
+  p.add_argument("--overwrite", action="store_true",
+                 help="replace a non-empty --out (swapped in once the new export is complete)")
   p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
   p.add_argument("--dtype", default=None, help="cast params, e.g. bfloat16 (default: as saved)")
   p.add_argument("--serving", action="store_true",
@@ -362,14 +575,24 @@ def main(argv=None) -> int:
   a = p.parse_args(argv)
   quiet_logs()
   with cli.user_errors("dense_ssm.export", a.traceback):
+    check_out_dir(a.out, a.overwrite)  # before the (slow) work
+    check_not_inside(a.out, a.workdir, "--workdir", allow_inside=True)
+    check_not_inside(a.out, os.path.join(a.workdir, "checkpoints"), "the checkpoints of --workdir")
     pre = load_workdir(a.workdir, a.step)
-    save_pretrained(pre, a.out, dtype=a.dtype)
+    files = []
+
+    def write(tmp):
+      write_export(pre, tmp, dtype=a.dtype, where=a.out)
+      if a.serving:
+        platforms = tuple(x for x in a.serving_platforms.split(",") if x) or None
+        files.extend(export_serving(
+            load_pretrained(tmp), os.path.join(tmp, "serving"), batch=a.serving_batch or None,
+            prompt_len=a.serving_prompt_len, max_new_tokens=a.serving_new_tokens,
+            platforms=platforms))
+
+    write_directory(a.out, write, overwrite=a.overwrite)
     print(f"exported {pre.source} ({pre.cfg.family}) to {a.out}")
-    if a.serving:
-      platforms = tuple(x for x in a.serving_platforms.split(",") if x) or None
-      files = export_serving(load_pretrained(a.out), os.path.join(a.out, "serving"),
-                             batch=a.serving_batch or None, prompt_len=a.serving_prompt_len,
-                             max_new_tokens=a.serving_new_tokens, platforms=platforms)
+    if files:
       print(f"serving artifacts: {', '.join(files)}")
   return 0
 

@@ -36,6 +36,7 @@ not recompile (switching between greedy, temperature 0, and sampling compiles ea
 from __future__ import annotations
 
 import functools
+import math
 import os
 import sys
 import types
@@ -215,7 +216,8 @@ def generate_ids(cfg: ModelConfig, params, prompts: Sequence[Sequence[int]], *,
 
   Without `on_block`, one jitted call does everything. With it (streaming), `on_block(ids per
   row so far)` is called after the first token and after each block of `block_size` (default 8)
-  decode steps.
+  decode steps. It gets one read-only sequence per row, the ids made so far (a view, not a
+  copy: the cost of a call does not grow with the ids).
   """
   _check_sampling(max_new_tokens, temperature, top_k, top_p)
   cfg = inference_config(cfg)
@@ -235,7 +237,7 @@ def generate_ids(cfg: ModelConfig, params, prompts: Sequence[Sequence[int]], *,
     return [_cut(row.tolist(), eos) for row in out]
   carry = start_fn(*args)
   outs = [[int(t)] for t in np.asarray(carry["token"])]
-  on_block([list(o) for o in outs])
+  on_block([IdsSoFar(o) for o in outs])
   done = np.asarray(carry["done"])
   remaining = max_new_tokens - 1
   while remaining > 0 and not done.all():
@@ -247,8 +249,34 @@ def generate_ids(cfg: ModelConfig, params, prompts: Sequence[Sequence[int]], *,
         outs[row].extend(int(t) for t in new[row])
     done = np.asarray(carry["done"])
     remaining -= n
-    on_block([list(o) for o in outs])
+    on_block([IdsSoFar(o) for o in outs])
   return [_cut(o, eos) for o in outs]
+
+
+class IdsSoFar(Sequence):
+  """The first len(ids) ids of a list that only grows: a read-only view that keeps its length
+  when the list grows later (slices are lists)."""
+
+  __slots__ = ("_ids", "_n")
+
+  def __init__(self, ids: list[int]):
+    self._ids, self._n = ids, len(ids)
+
+  def __len__(self) -> int:
+    return self._n
+
+  def __getitem__(self, i):
+    if isinstance(i, slice):
+      return self._ids[slice(*i.indices(self._n))]
+    if not -self._n <= i < self._n:
+      raise IndexError(i)
+    return self._ids[i % self._n]
+
+  def __eq__(self, other) -> bool:
+    return isinstance(other, Sequence) and list(self) == list(other)
+
+  def __repr__(self) -> str:
+    return repr(self._ids[:self._n])
 
 
 def _cut(ids: list[int], eos_id: int) -> list[int]:
@@ -261,11 +289,11 @@ def _cut(ids: list[int], eos_id: int) -> list[int]:
 def _check_sampling(max_new_tokens, temperature, top_k, top_p) -> None:
   if max_new_tokens < 1:
     raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1.")
-  if temperature < 0:
-    raise ValueError(f"temperature={temperature} must be >= 0 (0 = greedy).")
+  if not math.isfinite(temperature) or temperature < 0:
+    raise ValueError(f"temperature={temperature} must be a finite number >= 0 (0 = greedy).")
   if top_k < 0:
     raise ValueError(f"top_k={top_k} must be >= 0 (0 = off).")
-  if not 0.0 < top_p <= 1.0:
+  if not 0.0 < top_p <= 1.0:  # also false for NaN
     raise ValueError(f"top_p={top_p} must be in (0, 1] (1 = off).")
 
 
@@ -275,19 +303,39 @@ def _text(tokenizer, ids: list[int], eos_id: int) -> str:
 
 
 class _TextStream:
-  """Turns growing id lists into printable text deltas (holds back an unfinished UTF-8 piece)."""
+  """Turns growing id lists into printable text deltas, in time linear in the ids.
+
+  Each row's text is decoded incrementally (a bounded window per call, see
+  `tokenizer.IncrementalDecoder`) up to its first EOS; `finish` writes what was held back (an
+  unfinished UTF-8 character), so that a row's deltas add up to its non-streamed text.
+  """
 
   def __init__(self, tokenizer, eos_id: int, write: Callable[[list[str]], None]):
     self.tokenizer, self.eos_id, self.write = tokenizer, eos_id, write
-    self.shown: list[str] | None = None
+    self.rows: list[dict] | None = None
+
+  def _deltas(self, rows: list[list[int]], final: bool) -> list[str]:
+    from dense_ssm.tokenizer import IncrementalDecoder  # pylint: disable=g-import-not-at-top
+
+    if self.rows is None:
+      self.rows = [{"decoder": IncrementalDecoder(self.tokenizer), "seen": 0, "end": None}
+                   for _ in rows]
+    deltas = []
+    for ids, r in zip(rows, self.rows):
+      if r["end"] is None:  # EOS is looked for among the new ids only
+        new = ids[r["seen"]:]
+        if self.eos_id in new:
+          r["end"] = r["seen"] + new.index(self.eos_id)
+        r["seen"] = len(ids)
+      deltas.append(r["decoder"].update(ids, end=r["end"], final=final))
+    return deltas
 
   def __call__(self, rows: list[list[int]]) -> None:
-    texts = [_text(self.tokenizer, r, self.eos_id).rstrip("\ufffd") for r in rows]
-    if self.shown is None:
-      self.shown = [""] * len(rows)
-    deltas = [t[len(s):] if t.startswith(s) else t for t, s in zip(texts, self.shown)]
-    self.shown = texts
-    self.write(deltas)
+    self.write(self._deltas(rows, final=False))
+
+  def finish(self, rows: list[list[int]]) -> None:
+    """Writes the rest of each row's text; `rows` are the final ids."""
+    self.write(self._deltas(rows, final=True))
 
 
 def generate(source, prompts: str | Sequence[str], *, max_new_tokens: int = 64,
@@ -301,7 +349,8 @@ def generate(source, prompts: str | Sequence[str], *, max_new_tokens: int = 64,
       training workdir.
     prompts: one string (returns one string) or a list of strings (returns a list).
     stream: True prints each block of new text to stdout as it is made (one prompt), or a
-      callable receiving the list of new text per prompt after every block.
+      callable receiving the list of new text per prompt after every block (and once at the
+      end with any text held back); its pieces add up to the returned text.
   Returns the continuation(s), without the prompt and without EOS.
   """
   from dense_ssm import export  # pylint: disable=g-import-not-at-top
@@ -326,6 +375,8 @@ def generate(source, prompts: str | Sequence[str], *, max_new_tokens: int = 64,
                      temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
                      eos_id=pre.eos_id, pad_id=pre.pad_id, stop_at_eos=stop_at_eos,
                      block_size=block_size, on_block=on_block)
+  if on_block is not None:
+    on_block.finish(out)
   decoded = [_text(pre.tokenizer, o, pre.eos_id) for o in out]
   return decoded[0] if single else decoded
 
@@ -337,6 +388,25 @@ def _print_deltas(deltas: list[str]) -> None:
 
 
 # ------------------------------------------------------------------------------ CLI
+
+
+def _read_prompt_file(path: str) -> list[str]:
+  """Non-blank lines of a UTF-8 file ('-': stdin), with \\n turned into newlines."""
+  if path != "-" and os.path.isdir(path):
+    raise ValueError(f"--prompt_file={path} is a directory; give a text file with one prompt "
+                     "per line.")
+  if path != "-" and not os.path.exists(path):
+    raise FileNotFoundError(f"--prompt_file={path} does not exist; fix the path.")
+  try:
+    if path == "-":
+      lines = list(sys.stdin)
+    else:
+      with open(path, encoding="utf-8") as f:
+        lines = list(f)
+  except UnicodeDecodeError as e:
+    raise ValueError(f"--prompt_file={path} is not UTF-8 text (byte {e.start}); give a text "
+                     "file with one prompt per line.") from None
+  return [line.rstrip("\n").replace("\\n", "\n") for line in lines if line.strip()]
 
 
 def main(argv=None) -> int:
@@ -369,9 +439,7 @@ def main(argv=None) -> int:
   with cli.user_errors("dense_ssm.generate", a.traceback):
     prompts = [s.replace("\\n", "\n") for s in a.prompt]
     if a.prompt_file:
-      f = sys.stdin if a.prompt_file == "-" else open(a.prompt_file, encoding="utf-8")
-      with f:
-        prompts += [line.rstrip("\n").replace("\\n", "\n") for line in f if line.strip()]
+      prompts += _read_prompt_file(a.prompt_file)
     if not prompts:
       raise ValueError("no prompt: give --prompt=TEXT or --prompt_file=FILE.")
     _check_sampling(a.max_new_tokens, a.temperature, a.top_k, a.top_p)

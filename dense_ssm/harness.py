@@ -5,13 +5,12 @@ r"""The lm-evaluation-harness model `dense_ssm` (the `eval` extra: `pip install 
   python -m dense_ssm.evaluate --model=EXPORT_DIR --tasks=paper        # via run_tasks below
 
 Registration. lm-eval 0.4.13 resolves `--model NAME` only against models imported into its
-registry, and it scans no plugin entry points, so a bare `lm_eval --model dense_ssm` cannot find
-an external package. `python -m dense_ssm.harness ...` imports this module (which registers the
-model) and then runs lm-eval's own command line (`lm_eval.__main__.cli_evaluate`) with the same
-arguments (`--model dense_ssm` is added when absent). The package also declares the model in the
-`lm_eval.models` entry-point group, which lm-eval versions that discover entry points read, so
-there `lm_eval --model dense_ssm` works directly. From Python, `run_tasks` or
-`lm_eval.simple_evaluate(model=harness.make_lm(EXPORT_DIR), ...)`.
+registry and scans no plugin entry points, so a bare `lm_eval --model dense_ssm` cannot find an
+external package. `python -m dense_ssm.harness ARGS` registers the model, then runs lm-eval's own
+command line (`lm_eval.__main__.cli_evaluate`) on ARGS (`--model dense_ssm` is added when absent).
+The package also declares the model in the `lm_eval.models` entry-point group: an lm-eval that
+scans that group (0.4.13 does not) finds it with a bare `lm_eval --model dense_ssm`. From Python:
+`run_tasks`, or `lm_eval.simple_evaluate(model=harness.make_lm(EXPORT_DIR), ...)`.
 
 Model arguments (`--model_args k=v,...`): `pretrained` (export directory or training workdir),
 `max_length` (tokens per forward pass; default: the Transformer's max_len, else 2048), `pack`
@@ -28,14 +27,16 @@ How requests run.
     continuation's tokens. Sequences are sorted by length and packed first-fit into rows of a
     power-of-two length (at most `max_length`), one segment id per request: the models reset
     their state and positions at every segment start, so a packed request scores as it would
-    alone. `pack=False` puts one request per row (same numbers, more passes).
+    alone. `pack=False` puts one request per row (same numbers, more passes). A sequence longer
+    than `max_length`: the SSM families carry the state (below), the Transformer keeps its last
+    `max_length` tokens (as lm-eval's HF model does).
   loglikelihood_rolling: log p(document | prefix token), the document encoded without BOS.
     SSM families (RetNet, Mamba) score a whole document as one sequence: one that fits
     `max_length` is packed like the above; a longer one is prefilled on its first window and
-    then continues from the carried recurrent state window by window (each continuation window
-    is the model's decode step run over the window inside one jitted scan, since the chunked
-    prefill starts from an empty state), so every token sees the whole document. The
-    Transformer uses lm-eval's rolling windows (`max_length` tokens, disjoint predictions).
+    then continues from the carried recurrent state window by window, so every token sees the
+    whole document. (A continuation window runs the model's decode step over the window inside
+    one jitted scan: the models' chunked prefill always starts from an empty state.) The
+    Transformer scores lm-eval's rolling windows (`max_length` tokens, disjoint predictions).
   generate_until: requests grouped by generation arguments, left-padded batches through
     dense_ssm/generate.py's jitted start + decode blocks; after each block of 32 steps the
     rows are decoded and the batch stops once every row has hit EOS or a stop string;
@@ -47,7 +48,7 @@ of the row reach the kernels in other chunk alignments).
 
 from __future__ import annotations
 
-import dataclasses
+import functools
 import json
 import math
 import os
@@ -118,6 +119,48 @@ def pack_rows(lengths: Sequence[int], rows: int, max_len: int,
   return passes
 
 
+@functools.lru_cache(maxsize=8)
+def _scoring_fns(cfg):
+  """Jitted (packed, first_window, next_window) for one inference config, shared by every
+  Scorer of that config. Each returns per-token target log-probs and argmax matches:
+    packed(params, tokens, segment_ids, targets)        packed rows, states reset per segment
+    first_window(params, tokens, targets) -> (+ cache)  prefill from an empty state
+    next_window(params, cache, tokens, targets)         decode steps from the carried cache
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+
+  from dense_ssm.models import build_model, init_cache  # pylint: disable=g-import-not-at-top
+
+  model = build_model(cfg)
+
+  def target_scores(logits_BxTxV, targets_BxT):
+    logp_BxTxV = jax.nn.log_softmax(logits_BxTxV.astype(jnp.float32), axis=-1)
+    logp_BxT = jnp.take_along_axis(logp_BxTxV, targets_BxT[..., None], axis=-1)[..., 0]
+    return logp_BxT, jnp.argmax(logits_BxTxV, axis=-1) == targets_BxT
+
+  def packed(params, tokens_BxT, segment_ids_BxT, targets_BxT):
+    logits = model.apply({"params": params}, tokens_BxT, segment_ids=segment_ids_BxT)
+    return target_scores(logits, targets_BxT)
+
+  def first_window(params, tokens_BxW, targets_BxW):
+    cache = init_cache(cfg, tokens_BxW.shape[0], 0)
+    logits, cache = model.apply({"params": params}, tokens_BxW, cache, method=model.prefill)
+    return (*target_scores(logits, targets_BxW), cache)
+
+  def next_window(params, cache, tokens_BxW, targets_BxW):
+    def step(c, xs):
+      tok_B, tgt_B = xs
+      logits_BxV, c = model.apply({"params": params}, tok_B, c, method=model.decode_step)
+      logp_Bx1, greedy_Bx1 = target_scores(logits_BxV[:, None], tgt_B[:, None])
+      return c, (logp_Bx1[:, 0], greedy_Bx1[:, 0])
+
+    cache, (logp_WxB, greedy_WxB) = jax.lax.scan(step, cache, (tokens_BxW.T, targets_BxW.T))
+    return logp_WxB.T, greedy_WxB.T, cache
+
+  return jax.jit(packed), jax.jit(first_window), jax.jit(next_window, donate_argnums=(1,))
+
+
 class Scorer:
   """Log-likelihoods and generations of a `Pretrained` model on token ids (no lm-eval needed).
 
@@ -127,10 +170,7 @@ class Scorer:
 
   def __init__(self, pre, *, rows: int = 16, max_length: int | None = None, pack: bool = True,
                seed: int = 0):
-    import jax  # pylint: disable=g-import-not-at-top
-
     from dense_ssm import generate as gen  # pylint: disable=g-import-not-at-top
-    from dense_ssm.models import build_model, init_cache  # pylint: disable=g-import-not-at-top
 
     self.pre, self.rows, self.pack, self.seed = pre, int(rows), bool(pack), int(seed)
     if self.rows < 1:
@@ -145,35 +185,7 @@ class Scorer:
         self.max_length > self.cfg.max_len:
       raise ValueError(f"max_length={self.max_length} exceeds the model's {self.cfg.max_len} "
                        "learned positions; lower max_length.")
-    model, cfg = build_model(self.cfg), self.cfg
-
-    def target_scores(logits_BxTxV, targets_BxT):
-      logp_BxTxV = jax.nn.log_softmax(logits_BxTxV.astype(jax.numpy.float32), axis=-1)
-      logp_BxT = jax.numpy.take_along_axis(logp_BxTxV, targets_BxT[..., None], axis=-1)[..., 0]
-      return logp_BxT, jax.numpy.argmax(logits_BxTxV, axis=-1) == targets_BxT
-
-    def packed(params, tokens_BxT, segment_ids_BxT, targets_BxT):
-      logits = model.apply({"params": params}, tokens_BxT, segment_ids=segment_ids_BxT)
-      return target_scores(logits, targets_BxT)
-
-    def first_window(params, tokens_BxW, targets_BxW):
-      cache = init_cache(cfg, tokens_BxW.shape[0], 0)
-      logits, cache = model.apply({"params": params}, tokens_BxW, cache, method=model.prefill)
-      return (*target_scores(logits, targets_BxW), cache)
-
-    def next_window(params, cache, tokens_BxW, targets_BxW):
-      def step(c, xs):
-        tok_B, tgt_B = xs
-        logits_BxV, c = model.apply({"params": params}, tok_B, c, method=model.decode_step)
-        logp_B, greedy_B = target_scores(logits_BxV[:, None], tgt_B[:, None])
-        return c, (logp_B[:, 0], greedy_B[:, 0])
-
-      cache, (logp_WxB, greedy_WxB) = jax.lax.scan(step, cache, (tokens_BxW.T, targets_BxW.T))
-      return logp_WxB.T, greedy_WxB.T, cache
-
-    self._packed = jax.jit(packed)
-    self._first_window = jax.jit(first_window)
-    self._next_window = jax.jit(next_window, donate_argnums=(1,))
+    self._packed, self._first_window, self._next_window = _scoring_fns(self.cfg)
 
   # -------------------------------------------------------------------- log-likelihood
 
@@ -266,7 +278,8 @@ class Scorer:
 
     from dense_ssm import generate as gen  # pylint: disable=g-import-not-at-top
 
-    gen._check_sampling(max_new_tokens, temperature, top_k, top_p)  # pylint: disable=protected-access
+    # pylint: disable=protected-access  # the same checks and compiled loop as generate_ids
+    gen._check_sampling(max_new_tokens, temperature, top_k, top_p)
     pre, until = self.pre, [u for u in until if u]
     if not self.recurrent:
       room = self.max_length - max_new_tokens
@@ -274,8 +287,8 @@ class Scorer:
         raise ValueError(f"max_gen_toks={max_new_tokens} leaves no room for a prompt within "
                          f"max_length={self.max_length}.")
       prompts = [list(p)[-room:] for p in prompts]
-    _, start_fn, block_fn = gen._jitted(self.cfg, max_new_tokens, pre.pad_id,  # pylint: disable=protected-access
-                                        temperature <= 0)
+    _, start_fn, block_fn = gen._jitted(self.cfg, max_new_tokens, pre.pad_id, temperature <= 0)
+    # pylint: enable=protected-access
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     out = [""] * len(prompts)
     for g in range(0, len(order), self.rows):
@@ -291,7 +304,8 @@ class Scorer:
       ids = [[int(t)] for t in np.asarray(carry["token"])]
       done = np.asarray(carry["done"]).copy()
       remaining = max_new_tokens - 1
-      while remaining > 0 and not self._finished(ids, done, until):
+      real = len(group)  # the rows after these repeat a prompt to fill the batch
+      while remaining > 0 and not self._finished(ids[:real], done[:real], until):
         carry, new, n = block_fn(pre.params, carry, steps=min(STOP_CHECK_STEPS, remaining))
         n = int(n)
         new = np.asarray(new)[:, :n]
@@ -367,9 +381,11 @@ def __getattr__(name):
 
 
 def _define_model_class(template_lm):
-  from lm_eval.models.utils import normalize_gen_kwargs  # pylint: disable=g-import-not-at-top
-  from lm_eval.utils import get_rolling_token_windows, make_disjoint_window  # pylint: disable=g-import-not-at-top
-  from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+  # pylint: disable=g-import-not-at-top
+  from lm_eval.models.utils import normalize_gen_kwargs
+  from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+  from tqdm import tqdm
+  # pylint: enable=g-import-not-at-top
 
   class DenseSSMLM(template_lm):
     """lm-eval model over a dense_ssm export directory or training workdir (module doc)."""
@@ -538,6 +554,10 @@ def paper_average(results: dict) -> dict[str, Any]:
           "missing": missing}
 
 
+def _pct(v: float | None) -> str:
+  return "-" if v is None else f"{100 * v:.2f}"
+
+
 def format_table(results: dict) -> str:
   """acc and acc_norm (percent) and the perplexities per task, then the paper's Avg."""
   lines = [f"{'task':<22} {'acc':>7} {'acc_norm':>9}  other"]
@@ -545,8 +565,7 @@ def format_table(results: dict) -> str:
     acc, acc_norm = _metric(res, "acc"), _metric(res, "acc_norm")
     other = [f"{m} {v:.2f}" for m in ("word_perplexity", "perplexity")
              if (v := _metric(res, m)) is not None]
-    pct = lambda v: "-" if v is None else f"{100 * v:.2f}"  # pylint: disable=unnecessary-lambda-assignment
-    lines.append(f"{task:<22} {pct(acc):>7} {pct(acc_norm):>9}  {', '.join(other)}")
+    lines.append(f"{task:<22} {_pct(acc):>7} {_pct(acc_norm):>9}  {', '.join(other)}")
   avg = paper_average(results)
   if avg["avg"] is not None:
     used = ", ".join(f"{t}:{m}" for t, m in avg["metric"].items())
@@ -554,6 +573,15 @@ def format_table(results: dict) -> str:
     if avg["missing"]:
       lines.append(f"  (the paper averages 11; missing here: {', '.join(avg['missing'])})")
   return "\n".join(lines)
+
+
+@functools.lru_cache(maxsize=4)
+def task_manager_for(include_path: str | None = None):
+  """lm-eval's TaskManager (built-in tasks plus `include_path`), built once per process: it
+  indexes every task YAML lm-eval ships, which takes seconds."""
+  _lm_eval()
+  from lm_eval.tasks import TaskManager  # pylint: disable=g-import-not-at-top
+  return TaskManager(include_path=include_path)
 
 
 def _loadable(names: list[str], task_manager) -> list[str]:
@@ -573,20 +601,19 @@ def _loadable(names: list[str], task_manager) -> list[str]:
 
 
 def run_tasks(model_dir: str, tasks: str, *, num_fewshot: int | None = None,
-              batch_size: int = 16, limit: int | None = None,
-              output_path: str | None = None) -> dict:
+              batch_size: int = 16, limit: int | None = None, output_path: str | None = None,
+              include_path: str | None = None) -> dict:
   """Runs lm-eval tasks on an export directory (or training workdir); prints the table.
 
   `tasks`: comma-separated lm-eval task names; "paper" expands to PAPER_TASKS (tasks whose data
   cannot be loaded are skipped with one line each). Returns lm-eval's results dict (per-task
   metrics under "results", lm-eval's "config" etc.) plus "paper_avg" (`paper_average`);
-  `output_path` (a .json file) receives the same as JSON.
+  `output_path` (a .json file) receives the same as JSON. `include_path`: a folder of extra task
+  YAML files (as lm-eval's --include_path).
   """
   lm_eval = _lm_eval()
-  from lm_eval.tasks import TaskManager  # pylint: disable=g-import-not-at-top
-
   names = expand_tasks(tasks)
-  task_manager = TaskManager()
+  task_manager = task_manager_for(include_path)
   unknown = [n for n in names if n not in task_manager.all_tasks]
   if unknown:
     raise ValueError(f"unknown lm-eval task(s) {', '.join(unknown)}; list them with "
@@ -615,27 +642,28 @@ def run_tasks(model_dir: str, tasks: str, *, num_fewshot: int | None = None,
 
 def main(argv: Sequence[str] | None = None) -> None:
   """`python -m dense_ssm.harness ARGS`: lm-eval's own command line with this model registered
-  (ARGS as for `lm_eval`; `--model dense_ssm` is added when no --model is given)."""
-  args = list(sys.argv[1:] if argv is None else argv)
-  try:
-    register()
-  except ImportError as e:
-    print(f"dense_ssm.harness: error: {e}", file=sys.stderr)
-    raise SystemExit(1) from None
-  from lm_eval.__main__ import cli_evaluate  # pylint: disable=g-import-not-at-top
+  (ARGS as for `lm_eval`; `--model dense_ssm` is added when no --model is given). A bad model
+  path or argument is one line on stderr (`--traceback` shows the traceback)."""
+  from dense_ssm import cli  # pylint: disable=g-import-not-at-top
 
-  subcommands = ("run", "ls", "validate")
-  if args and args[0] not in subcommands and "-h" not in args and "--help" not in args and \
-      not any(a == "--model" or a.startswith("--model=") for a in args):
-    args = ["--model", MODEL_NAME, *args]
-  saved = sys.argv
-  sys.argv = ["lm_eval", *args]
-  try:
-    cli_evaluate()
-  finally:
-    sys.argv = saved
+  args = list(sys.argv[1:] if argv is None else argv)
+  show_traceback = "--traceback" in args
+  args = [a for a in args if a != "--traceback"]
+  with cli.user_errors("dense_ssm.harness", show_traceback, extra=(ImportError,)):
+    register()
+    from lm_eval.__main__ import cli_evaluate  # pylint: disable=g-import-not-at-top
+
+    if args and args[0] not in ("run", "ls", "validate") and "-h" not in args and \
+        "--help" not in args and not any(a.split("=")[0] == "--model" for a in args):
+      args = ["--model", MODEL_NAME, *args]
+    saved = sys.argv
+    sys.argv = ["lm_eval", *args]
+    try:
+      cli_evaluate()
+    finally:
+      sys.argv = saved
 
 
 if __name__ == "__main__":
-  from dense_ssm import harness as _self  # the model class lives in dense_ssm.harness, not __main__
+  from dense_ssm import harness as _self  # the class must live in dense_ssm.harness, not __main__
   _self.main()

@@ -22,12 +22,13 @@ positions = 0..T-1, and weights = 1 exactly at the query positions (whose target
 answer value), 0 elsewhere; so the loss and the recall accuracy (argmax of the logits equals
 the target, over the weighted positions) count answers only. No tokenizer, no BOS/EOS.
 
-Determinism: example `index` of a split is a function of (seed, split, stream, index) only,
-through its own numpy Generator; the train split uses stream = data.shuffle_seed, the
-validation split stream 0 under a different split tag, so the two never share a random
-stream. Train batch k of a global batch B holds the examples k*B .. k*B + B - 1 (host h of
-n takes the h-th of n equal parts); the train stream never repeats an index. Validation is
-examples 0 .. valid-1. Needs numpy only.
+Determinism: example `index` of a split depends only on (seed, split, stream, index):
+examples are drawn in blocks of BLOCK = 64, block j from one numpy Generator seeded with
+(seed, split, stream, j). The train split uses stream = data.shuffle_seed, the validation
+split stream 0 under another split tag, so the two never share a random stream. Train batch
+k of global batch B holds examples k*B .. k*B + B - 1 (host h of n takes the h-th of n equal
+parts); the train stream never repeats an index. Validation is examples 0 .. valid-1.
+Needs numpy only.
 """
 
 from __future__ import annotations

@@ -9,13 +9,16 @@ from __future__ import annotations
 import math
 
 from absl import app
+from absl import flags
 from ml_collections import config_flags
 
+from dense_ssm import cli
 from dense_ssm import config_lib
 from dense_ssm.models import abstract_params
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:variant]).",
                                           lock_config=True)
+_TRACEBACK = flags.DEFINE_bool("traceback", False, "Show tracebacks of configuration errors.")
 
 
 def _leaves(tree, prefix=()):
@@ -55,12 +58,15 @@ def summary_lines(cfg) -> list[str]:
 
 
 def main(argv):
-  del argv
-  if _CONFIG.value is None:
-    raise app.UsageError("--config is required, e.g. --config=configs/retnet_1b3.py")
-  cfg = config_lib.check_model_config(_CONFIG.value)
-  print("\n".join(summary_lines(cfg)))
+  """Errors (flags, config file, model values) are one line `dense_ssm.summary: error: ...`."""
+  with cli.user_errors("dense_ssm.summary", _TRACEBACK.value):
+    if len(argv) > 1:
+      raise ValueError(f"unexpected arguments {argv[1:]}; pass options as --config=FILE and "
+                       "--config.model.KEY=VALUE")
+    config = cli.config_value(_CONFIG, "configs/retnet_1b3.py")
+    cfg = config_lib.check_model_config(config)
+    print("\n".join(summary_lines(cfg)))
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=cli.absl_flags_parser("dense_ssm.summary"))

@@ -10,6 +10,7 @@ whitespace folding, so any text (source code, indentation, newlines, emoji) roun
 from __future__ import annotations
 
 import io
+import os
 from typing import Iterable, Iterator, Sequence
 
 UNK_ID, BOS_ID, EOS_ID = 0, 1, 2
@@ -25,10 +26,20 @@ class Tokenizer:
 
     self._proto = bytes(model_proto)
     self.path = path
-    self._sp = spm.SentencePieceProcessor(model_proto=self._proto)
+    try:
+      self._sp = spm.SentencePieceProcessor(model_proto=self._proto)
+    except RuntimeError:
+      where = f"tokenizer file {path!r}" if path else "the tokenizer model"
+      raise ValueError(f"{where} is not a SentencePiece model ({len(self._proto):,} bytes that "
+                       "do not parse as one); give the tokenizer.model the model was trained "
+                       "with") from None
+    self._byte_values = None
 
   @classmethod
   def from_file(cls, path: str) -> "Tokenizer":
+    if os.path.isdir(path):
+      raise ValueError(f"tokenizer file {path!r} is a directory; give the SentencePiece .model "
+                       f"file itself (e.g. {os.path.join(path, 'tokenizer.model')!r})")
     try:
       with open(path, "rb") as f:
         return cls(f.read(), path=path)
@@ -62,6 +73,27 @@ class Tokenizer:
 
   def decode(self, ids: Sequence[int]) -> str:
     return self._sp.decode([int(i) for i in ids])
+
+  @property
+  def byte_values(self) -> list[int]:
+    """Per id: the byte of a byte-fallback piece (`<0xAB>` -> 0xAB), else -1."""
+    if self._byte_values is None:
+      self._byte_values = [int(self._sp.id_to_piece(i)[1:-1], 16) if self._sp.is_byte(i) else -1
+                           for i in range(self.vocab_size)]
+    return self._byte_values
+
+  def plain_piece(self) -> int | None:
+    """An id whose piece decodes to its own non-empty text in any context and does not start a
+    word (no leading space): a normal piece, not a byte, control or unknown one. None if the
+    vocabulary has none."""
+    sp = self._sp
+    for i in range(self.vocab_size):
+      if sp.is_byte(i) or sp.is_control(i) or sp.is_unknown(i) or sp.is_unused(i):
+        continue
+      piece = sp.id_to_piece(i)
+      if piece and not piece.startswith("\u2581") and sp.decode([i]) == piece:
+        return i
+    return None
 
   def __getstate__(self):  # picklable, for multiprocess data workers
     return {"proto": self._proto, "path": self.path}
@@ -115,6 +147,8 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, *, max_chars: int = 2
         max_sentence_length=4 * _MAX_PIECE_TEXT, input_sentence_size=0, num_threads=2,
         minloglevel=2)
   except RuntimeError as e:
+    if "required_chars" in str(e):
+      raise ValueError(_too_many_chars(sentences, vocab_size)) from None
     if "Vocabulary size too high" not in str(e):
       raise
     limit = str(e).split("<=")[-1].strip(" .")
@@ -125,4 +159,78 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, *, max_chars: int = 2
   return Tokenizer(model.getvalue(), path=path)
 
 
-__all__ = ["Tokenizer", "train_tokenizer", "UNK_ID", "BOS_ID", "EOS_ID", "PAD_ID"]
+def _too_many_chars(sentences: list[str], vocab_size: int) -> str:
+  """The message for text whose distinct characters do not fit `vocab_size` pieces."""
+  counts: dict[str, int] = {}
+  for s in sentences:
+    for ch in s:
+      counts[ch] = counts.get(ch, 0) + 1
+  total = sum(counts.values())
+  replaced = counts.get("\ufffd", 0)
+  why = ""
+  if replaced or any(ord(c) < 32 and c not in "\t\n\r" for c in counts):
+    why = (f" ({replaced:,} of its {total:,} characters are U+FFFD, i.e. bytes that are not "
+           "UTF-8, or control characters: the data looks binary)")
+  return (f"tokenizer training text has {len(counts):,} distinct characters, too many for "
+          f"vocab_size={vocab_size}{why}; point data.source at UTF-8 text, give a trained "
+          "data.tokenizer, or raise model.vocab_size")
+
+
+class IncrementalDecoder:
+  """Text of a growing id sequence, decoding only a bounded window per update.
+
+  `update(ids)` returns the text added since the last call; `finish(ids)` returns the rest, so
+  that the concatenation of everything returned equals `tokenizer.decode(ids)`. A trailing
+  incomplete UTF-8 character (byte-fallback pieces decode it to up to 3 U+FFFD) is held back
+  until it completes or `finish`. Works for SentencePiece decoding, where the text of ids after
+  a cut k is context-free (given a preceding plain piece) unless a UTF-8 byte sequence spans k:
+  the window then starts at the last such clean cut whose text has been shown.
+  """
+
+  WINDOW = 64  # tokens kept in the window before its start moves forward
+
+  def __init__(self, tokenizer: Tokenizer):
+    self._tok = tokenizer
+    self._anchor = tokenizer.plain_piece()
+    self._anchor_len = len(tokenizer.decode([self._anchor])) if self._anchor is not None else 0
+    self._bytes = tokenizer.byte_values
+    self._start = 0  # window start: 0 or a clean cut
+    self._shown = 0  # characters of the window's text already returned
+
+  def _text(self, ids: Sequence[int], start: int, end: int) -> str:
+    if start == 0:
+      return self._tok.decode(ids[:end])
+    return self._tok.decode([self._anchor, *ids[start:end]])[self._anchor_len:]
+
+  def _byte(self, i: int) -> int:
+    return self._bytes[i] if 0 <= i < len(self._bytes) else -1
+
+  def _clean(self, ids: Sequence[int], k: int) -> bool:
+    """No UTF-8 character spans the cut before ids[k] (byte pieces decode greedily byte by
+    byte, so a byte that is not a continuation byte always starts a new character)."""
+    prev, cur = self._byte(ids[k - 1]), self._byte(ids[k])
+    return prev < 0 or cur < 0 or not 0x80 <= cur < 0xC0
+
+  def update(self, ids: Sequence[int], end: int | None = None, final: bool = False) -> str:
+    """The new text of ids[:end] (end None: all); `final`: nothing is held back."""
+    n = len(ids) if end is None else end
+    text = self._text(ids, self._start, n)
+    visible = len(text)
+    if not final and n and self._byte(ids[n - 1]) >= 0:
+      while visible > len(text) - 3 and visible > 0 and text[visible - 1] == "\ufffd":
+        visible -= 1
+    delta = text[self._shown:visible]
+    self._shown = max(self._shown, visible)
+    if self._anchor is not None and n - self._start > self.WINDOW:
+      k = next((k for k in range(n - 4, self._start, -1) if self._clean(ids, k)), None)
+      if k is not None:
+        head = len(self._text(ids, self._start, k))
+        if head <= self._shown:
+          self._start, self._shown = k, self._shown - head
+    return delta
+
+  def finish(self, ids: Sequence[int], end: int | None = None) -> str:
+    return self.update(ids, end, final=True)
+
+
+__all__ = ["IncrementalDecoder", "Tokenizer", "train_tokenizer", "UNK_ID", "BOS_ID", "EOS_ID", "PAD_ID"]

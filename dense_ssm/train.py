@@ -1,9 +1,11 @@
 r"""Trains a language model: `python -m dense_ssm.train --config=configs/default.py --workdir=DIR`.
 
 Overrides: `--config.train.steps=200 --config.mesh.fsdp=4 ...`. The run resumes from the
-latest checkpoint in `DIR/checkpoints`; SIGTERM saves one and exits 0. Multi-host runs call
-`jax.distributed.initialize` (TPU pod, SLURM, or --coordinator_address/--num_processes/
---process_id). `--compile_only --topology=v5e:2x2` AOT-compiles the train step for a TPU
+newest intact checkpoint in `DIR/checkpoints` (a damaged one is set aside, see
+dense_ssm/checkpoint.py); SIGTERM (or Ctrl-C) saves one and exits 0. One trainer per workdir:
+each process locks `DIR/.lock.<process index>` for its life (dense_ssm/workdir_lock.py).
+Multi-host runs call `jax.distributed.initialize` (TPU pod, SLURM, or --coordinator_address/
+--num_processes/--process_id). `--compile_only --topology=v5e:2x2` AOT-compiles the train step for a TPU
 slice on this machine and prints per-chip memory and FLOPs (see dense_ssm/compile.py).
 
 Output: process 0 prints the progress lines; metrics also go to TensorBoard events
@@ -22,7 +24,6 @@ import glob
 import json
 import math
 import os
-import re
 import shutil
 import signal
 import sys
@@ -36,6 +37,7 @@ from ml_collections import config_flags
 
 import dense_ssm
 from dense_ssm import cli
+from dense_ssm import workdir_lock
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file (configs/*.py).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs, the tokenizer.")
@@ -89,6 +91,9 @@ def validate_config(config):
   for key in ("steps", "batch_size", "grad_accum", "log_every", "eval_every", "checkpoint_every"):
     if int(t[key]) <= 0:
       raise ValueError(f"config.train.{key}={t[key]} must be positive.")
+  if int(config.data.seq_len) <= 0:
+    raise ValueError(f"config.data.seq_len={config.data.seq_len} must be positive (tokens per "
+                     "training row), e.g. --config.data.seq_len=256.")
   if t.batch_size % t.grad_accum:
     raise ValueError(f"config.train.batch_size={t.batch_size} is not divisible by "
                      f"config.train.grad_accum={t.grad_accum}.")
@@ -157,15 +162,15 @@ def accelerator_warning() -> str | None:
   if os.environ.get("JAX_PLATFORMS", "").strip().lower() == "cpu":
     return None
   if shutil.which("nvidia-smi") or glob.glob("/dev/nvidia[0-9]*"):
-    device, fix = "an NVIDIA GPU", GPU_INSTALL
+    device, build, fix = "an NVIDIA GPU", "CUDA", GPU_INSTALL
   elif glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*"):
-    device, fix = "a TPU", TPU_INSTALL
+    device, build, fix = "a TPU", "TPU", TPU_INSTALL
   else:
     return None
   if jax.default_backend() != "cpu":
     return None
-  return (f"warning: this machine has {device} but JAX runs on the CPU (jax "
-          f"{jax.__version__} has no backend for it); install one with: {fix}")
+  return (f"warning: this machine has {device} but JAX {jax.__version__} runs on the CPU; "
+          f"install JAX's {build} build with: {fix}")
 
 
 def resolve_data_source(config) -> str | None:
@@ -199,20 +204,27 @@ def _say(msg: str) -> None:
 
 
 class _Preemption:
-  """SIGTERM -> save at the current step and exit 0 (all hosts agree on the step)."""
+  """SIGTERM, or Ctrl-C (SIGINT) in a single-process run -> save at the current step and exit 0
+  (all hosts agree on the step). A second Ctrl-C stops at once (KeyboardInterrupt)."""
+
+  SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
   def __init__(self):
     import jax  # pylint: disable=g-import-not-at-top
 
     self.requested = False
+    self.signal_name = "SIGTERM"
     self._multi = jax.process_count() > 1
-    self._old = None
+    self._old = {}
     if not self._multi:
-      self._old = signal.signal(signal.SIGTERM, self._handler)
+      self._old = {s: signal.signal(s, self._handler) for s in self.SIGNALS}
 
   def _handler(self, signum, frame):
-    del signum, frame
+    del frame
+    if self.requested and signum == signal.SIGINT:
+      raise KeyboardInterrupt
     self.requested = True
+    self.signal_name = signal.Signals(signum).name
 
   def reached(self, step: int) -> bool:
     if self._multi:
@@ -225,8 +237,32 @@ class _Preemption:
     return self.requested
 
   def close(self):
-    if self._old is not None:
-      signal.signal(signal.SIGTERM, self._old)
+    for s, old in self._old.items():
+      signal.signal(s, old)
+    self._old = {}
+
+
+def _check_param_dtype(directory: str, step: int | None, abstract_state: Any) -> None:
+  """The params of checkpoint `step` must have the model's param_dtype: a restore would cast
+  the params but not the optimizer state, which the compiled step then refuses."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  from etils import epath  # pylint: disable=g-import-not-at-top
+
+  if step is None:
+    return
+  try:
+    tree = ocp.StandardCheckpointHandler().metadata(epath.Path(f"{directory}/{step}/state"))
+    saved = {str(getattr(v, "dtype", "")) for v in jax.tree.leaves(tree["params"])}
+  except Exception:  # pylint: disable=broad-except  # unreadable: the restore reports it
+    return
+  wanted = {str(v.dtype) for v in jax.tree.leaves(abstract_state["params"])}
+  if saved and saved != wanted:
+    have, want = ", ".join(sorted(saved)), ", ".join(sorted(wanted))
+    raise ValueError(
+        f"checkpoint {directory}/{step} holds {have} params but config.model.param_dtype asks "
+        f"for {want}; resume with --config.model.param_dtype={sorted(saved)[0]} or start a new "
+        "--workdir.")
 
 
 def _check_finite(step: int, metrics: dict, last_saved: int | None) -> None:
@@ -251,6 +287,7 @@ class Trainer:
     self.config, self.t = config, config.train
     self.cfg = validate_config(config)
     self.workdir = check_workdir(workdir)
+    self.lock = workdir_lock.acquire(self.workdir, jax.process_index())  # one writer per workdir
     t = self.t
     # Model, optimizer, mesh, jitted steps: nothing is allocated yet.
     self.model = models.build_model(self.cfg)
@@ -262,9 +299,8 @@ class Trainer:
     # An existing checkpoint must fit the model before anything is written.
     self.ckpt = checkpoint.Checkpointer(os.path.join(self.workdir, "checkpoints"),
                                         keep_last=t.keep_last, keep_every=t.keep_every)
-    self.latest = self.ckpt.latest_step()
-    if self.latest is not None:
-      self.ckpt.check_compatible(self.latest, self.fns.abstract_state)
+    self.latest = self.ckpt.newest_intact_step(self.fns.abstract_state)  # damaged: set aside
+    _check_param_dtype(self.ckpt.directory, self.latest, self.fns.abstract_state)
     self.last_saved = self.latest
     self.writer = None
     self.pending: list[tuple[int, Any]] = []
@@ -294,13 +330,15 @@ class Trainer:
   def restore_or_init(self) -> None:
     import jax  # pylint: disable=g-import-not-at-top
 
-    if self.latest is None:
+    restored = None if self.latest is None else self.ckpt.restore_newest(
+        self.fns.abstract_state)
+    if restored is None:
       self.state = self.fns.init(jax.random.key(self.t.seed))
     else:
-      self.state, data_state, _ = self.ckpt.restore(self.latest, self.fns.abstract_state)
+      self.latest, self.state, data_state, _ = restored
+      self.last_saved = self.latest
       if data_state is None:
-        logging.warning("checkpoint %d has no data state for %d processes; data restarts.",
-                        self.latest, jax.process_count())
+        _data_replay(self.ckpt.directory, self.latest, self.t.allow_data_replay)
       else:
         self.train_iter.set_state(data_state)
       _say(f"resumed from {self.ckpt.directory}/{self.latest}")
@@ -381,7 +419,8 @@ class Trainer:
         if preempt.reached(step - 1):
           self.save(step - 1, force=True)
           self.ckpt.wait()
-          _say(f"preempted (SIGTERM): saved step {step - 1} to {self.ckpt.directory}; exiting")
+          _say(f"preempted ({preempt.signal_name}): saved step {step - 1} to "
+               f"{self.ckpt.directory}; exiting")
           return {"preempted_at": float(step - 1)}
         if step == profile_at:
           jax.profiler.start_trace(os.path.join(self.workdir, "profile"))
@@ -418,6 +457,7 @@ class Trainer:
       self.writer.flush()
       self.writer.close()
     self.ckpt.close()
+    self.lock.release()
 
 
 def train_and_evaluate(config, workdir: str, *, sigkill_after_step: int = 0) -> dict[str, float]:
@@ -437,6 +477,21 @@ def train_and_evaluate(config, workdir: str, *, sigkill_after_step: int = 0) -> 
     return trainer.train(sigkill_after_step)
   finally:
     trainer.close()
+
+
+def _data_replay(directory: str, step: int, allowed: bool) -> None:
+  """A checkpoint without this run's data-iterator state (saved by another number of
+  processes) would replay the data from its start: an error unless `allowed`."""
+  import jax  # pylint: disable=g-import-not-at-top
+
+  n = jax.process_count()
+  what = (f"checkpoint {directory}/{step} has no data-iterator state for {n} process(es) (it "
+          "was saved by another number of processes), so the data would restart from its "
+          "beginning")
+  if not allowed:
+    raise ValueError(f"{what}; resume with the original number of processes, or pass "
+                     "--config.train.allow_data_replay=true to accept replaying data")
+  _say(f"warning: {what} (config.train.allow_data_replay=true)")
 
 
 def _data_line(source: str, stats: Any) -> str:
@@ -464,45 +519,14 @@ def _flat(d: dict, prefix: str = "") -> dict:
   return out
 
 
-def _one_line(e: BaseException) -> str:
-  text = str(e).replace("\\n", " ").replace("\\'", "'")
-  return " ".join(text.split()).strip("'\" ") or type(e).__name__
-
-
 def parse_flags(argv: list[str]) -> list[str]:
   """absl flag parsing whose errors (unknown config key, bad value) are one line, exit 1."""
-  try:
-    return flags.FLAGS(argv)
-  except Exception as e:  # pylint: disable=broad-except  # config_flags raises many kinds
-    msg = _one_line(e)
-    if "Traceback" in str(e):  # the config file's get_config raised: keep its last line
-      bad = next((a.split("=", 1)[1] for a in argv[1:] if a.startswith("--config=")), "")
-      msg = f"--config={bad}: {str(e).strip().splitlines()[-1].strip()}"
-    elif isinstance(e, (KeyError, AttributeError)):  # an override of a key the config lacks
-      key = re.search(r"'?(\w+)", msg).group(1)
-      bad = next((a.split("=")[0] for a in argv[1:] if a.startswith("--config.")
-                  and a.split("=")[0].endswith(f".{key}")), f"--config...{key}")
-      hint = msg[msg.index("Did you mean"):] if "Did you mean" in msg else \
-          "see dense_ssm/config_lib.py for the valid keys"
-      msg = f"{bad}: unknown config key {bad.rsplit('.', 1)[-1]!r}; {hint}"
-    print(f"dense_ssm.train: error: {msg}", file=sys.stderr, flush=True)
-    sys.exit(1)
+  return cli.absl_flags_parser("dense_ssm.train")(argv)
 
 
 def _load_config():
-  """The --config ConfigDict; a config file that fails to load is a one-line OSError."""
-  config = _CONFIG.value
-  if config is None:
-    raise ValueError("--config is required, e.g. --config=configs/default.py")
-  try:
-    config.keys()  # config_flags reports a failed load only on first access
-  except OSError as e:
-    path = config_flags.get_config_filename(flags.FLAGS["config"])
-    if not os.path.exists(path.split(":")[0]):
-      raise FileNotFoundError(f"--config={path}: no such file; e.g. --config=configs/default.py"
-                              ) from None
-    raise ValueError(f"--config={path} failed to load: {_one_line(e)}") from None
-  return config
+  """The --config ConfigDict; a config file that fails to load is a one-line error."""
+  return cli.config_value(_CONFIG)
 
 
 def main(argv):

@@ -7,9 +7,10 @@ seed (same tokenizer, data order, token budget and hyper-parameters; the seed ch
 initialisation), `--parallel` runs at a time (several small runs share one GPU: each gets
 1/parallel of its memory). One tokenizer is trained first on the train split and passed to all
 runs. Then it reads each run's `metrics.jsonl` and writes, under `--out`:
-  results.json   per run: params, tokens, final validation loss, tokens/s, the validation curve
-  results.md     per model: final validation loss mean +- half the seed range, and per family
-                 the dense-minus-baseline gap, its sign, and whether it exceeds the seed spread
+  results.json   per run: params, tokens, the validation curve, tokens/s
+  results.md     per family, at the largest token count every run of the pair reached: each
+                 variant's validation loss (mean +- half the seed range), the dense-minus-baseline
+                 gap, its sign, and whether the seed ranges separate
   curves.png     validation loss against tokens (mean over seeds, band = seed range)
 `--report_only` rebuilds the three files from existing run directories. `--tiny` shrinks
 everything to a seconds-long CPU smoke run (tests use it).
@@ -107,32 +108,47 @@ def read_run(model: str, seed: int, out: str, sets: list[str]) -> dict | None:
   last_step = max(r["step"] for r in rows)
   return {"model": model, "seed": seed, "params": models.count_params(cfg),
           "steps": last_step, "tokens": last_step * tokens_per_step,
+          "planned_tokens": config.train.steps * tokens_per_step,
           "final_valid_loss": curve[-1][1], "curve": curve,
           "tokens_per_s_median": sorted(rates)[len(rates) // 2] if rates else None}
 
 
+def _loss_at(run: dict, tokens: int) -> float:
+  return dict(run["curve"])[tokens]
+
+
 def summarize(runs: list[dict]) -> tuple[list[dict], list[dict]]:
-  """Per-model mean and half-range of the final loss; per-family gap and its significance."""
-  by_model: dict[str, list[dict]] = {}
-  for r in runs:
-    by_model.setdefault(r["model"], []).append(r)
-  rows = []
-  for model, rs in by_model.items():
-    losses = [r["final_valid_loss"] for r in rs]
-    rows.append({"model": model, "seeds": len(rs), "params": rs[0]["params"],
-                 "tokens": rs[0]["tokens"], "loss_mean": sum(losses) / len(losses),
-                 "loss_half_range": (max(losses) - min(losses)) / 2, "losses": losses,
-                 "tokens_per_s": [r["tokens_per_s_median"] for r in rs]})
-  stats = {r["model"]: r for r in rows}
-  gaps = []
+  """Per family: both variants' validation loss at the largest token count that every run of the
+  pair reached (runs cut short still compare at equal tokens), mean and half range over seeds,
+  the dense-minus-baseline gap, and whether the seed ranges separate."""
+  rows, gaps = [], []
   for dense, base in PAIRS:
-    if dense in stats and base in stats:
-      d, b = stats[dense], stats[base]
-      gap = d["loss_mean"] - b["loss_mean"]
-      # Separated when the seed ranges do not overlap.
-      separated = max(d["losses"]) < min(b["losses"]) or min(d["losses"]) > max(b["losses"])
-      gaps.append({"dense": dense, "baseline": base, "gap": gap, "dense_better": gap < 0,
-                   "ranges_separate": separated})
+    pair = [r for r in runs if r["model"] in (dense, base)]
+    if not pair:
+      continue
+    common = set.intersection(*(set(dict(r["curve"])) for r in pair))
+    if not common:
+      continue
+    tokens = max(common)
+    losses = {}
+    for model in (dense, base):
+      rs = [r for r in pair if r["model"] == model]
+      if not rs:
+        continue
+      losses[model] = [_loss_at(r, tokens) for r in rs]
+      rows.append({"model": model, "seeds": len(rs), "params": rs[0]["params"],
+                   "compared_at_tokens": tokens, "planned_tokens": rs[0]["planned_tokens"],
+                   "reached_tokens": [r["tokens"] for r in rs],
+                   "loss_mean": sum(losses[model]) / len(rs),
+                   "loss_half_range": (max(losses[model]) - min(losses[model])) / 2,
+                   "losses": losses[model],
+                   "tokens_per_s": [r["tokens_per_s_median"] for r in rs]})
+    if len(losses) == 2:
+      d, b = losses[dense], losses[base]
+      gap = sum(d) / len(d) - sum(b) / len(b)
+      gaps.append({"dense": dense, "baseline": base, "tokens": tokens, "gap": gap,
+                   "dense_better": gap < 0,
+                   "ranges_separate": max(d) < min(b) or min(d) > max(b)})
   return rows, gaps
 
 
@@ -140,20 +156,23 @@ def write_report(out: str, runs: list[dict], command: str) -> str:
   rows, gaps = summarize(runs)
   json.dump({"command": command, "runs": runs, "models": rows, "gaps": gaps},
             open(os.path.join(out, "results.json"), "w"), indent=1)
-  lines = ["| model | seeds | params | tokens | final valid loss (mean ± half range) | "
-           "tokens/s per run (median) |", "|---|---|---|---|---|---|"]
+  lines = ["| model | seeds | params | tokens planned / reached per seed | valid loss at the "
+           "pair's common tokens (mean ± half range) | tokens/s per run (median) |",
+           "|---|---|---|---|---|---|"]
   for r in rows:
     tps = ", ".join(f"{t:,.0f}" for t in r["tokens_per_s"] if t)
-    lines.append(f"| {LABELS.get(r['model'], r['model'])} | {r['seeds']} | {r['params'] / 1e6:.1f}M "
-                 f"| {r['tokens'] / 1e6:.1f}M | {r['loss_mean']:.4f} ± {r['loss_half_range']:.4f} "
-                 f"| {tps} |")
+    reached = ", ".join(f"{t / 1e6:.1f}M" for t in r["reached_tokens"])
+    lines.append(f"| {LABELS.get(r['model'], r['model'])} | {r['seeds']} | "
+                 f"{r['params'] / 1e6:.1f}M | {r['planned_tokens'] / 1e6:.1f}M / {reached} | "
+                 f"{r['loss_mean']:.4f} ± {r['loss_half_range']:.4f} at "
+                 f"{r['compared_at_tokens'] / 1e6:.1f}M | {tps} |")
   lines.append("")
   for g in gaps:
     verdict = "lower (same sign as the paper)" if g["dense_better"] else "higher (opposite sign)"
     sep = ("the seed ranges do not overlap" if g["ranges_separate"]
            else "the seed ranges overlap: not resolved at this scale")
-    lines.append(f"- {LABELS[g['dense']]} vs {LABELS[g['baseline']]}: gap {g['gap']:+.4f} nats, "
-                 f"dense is {verdict}; {sep}.")
+    lines.append(f"- {LABELS[g['dense']]} vs {LABELS[g['baseline']]} at {g['tokens'] / 1e6:.1f}M "
+                 f"tokens: gap {g['gap']:+.4f} nats, dense is {verdict}; {sep}.")
   text = "\n".join(lines) + "\n"
   open(os.path.join(out, "results.md"), "w").write(text)
   plot(out, runs)
@@ -174,12 +193,11 @@ def plot(out: str, runs: list[dict]) -> None:
       n = min(len(r["curve"]) for r in rs)
       xs = [rs[0]["curve"][i][0] / 1e6 for i in range(n)]
       ys = [[r["curve"][i][1] for r in rs] for i in range(n)]
-      ax.plot(xs, [sum(y) / len(y) for y in ys], color=color,
+      ax.plot(xs, [sum(y) / len(y) for y in ys], color=color, marker="o", markersize=3,
               label=f"{LABELS[model]} ({len(rs)} seeds)")
       ax.fill_between(xs, [min(y) for y in ys], [max(y) for y in ys], color=color, alpha=0.25)
-    lo = min(min(p[1] for p in r["curve"]) for r in runs if r["model"] in pair)
-    hi = max(r["curve"][min(1, len(r["curve"]) - 1)][1] for r in runs if r["model"] in pair)
-    ax.set_ylim(lo - 0.05, lo + max(0.3, (hi - lo) * 0.6))
+    values = [p[1] for r in runs if r["model"] in pair for p in r["curve"]]
+    ax.set_ylim(min(values) - 0.05, max(values) + 0.05)
     ax.set_xlabel("training tokens (M)")
     ax.set_ylabel("validation loss (nats/token)")
     ax.grid(alpha=0.3)

@@ -5,7 +5,7 @@
 # Target: CPython 3.12 on x86_64 Linux with glibc >= 2.28 (set PYTHON_VERSION for another CPython).
 #
 #   launch/gpu_wheels.sh [DIR]          # on a machine with internet; DIR defaults to <repo>/.whl
-#   pip install --no-deps DIR/*.whl     # then on the GPU machine, offline
+#   python -m pip install --no-deps DIR/*.whl     # then on the GPU machine, offline
 #
 # grain and array_record are compiled (cp312) wheels; ml_collections and portpicker (imported by
 # grain) are pure Python. TensorFlow and clu are not needed.
@@ -23,4 +23,4 @@ WHEELS=(
 mkdir -p "${DIR}"
 python3 -m pip download --no-deps --only-binary=:all: --python-version "${PYTHON_VERSION}" \
     --platform manylinux_2_17_x86_64 --platform manylinux_2_28_x86_64 -d "${DIR}" "${WHEELS[@]}"
-echo "Wheels in ${DIR}; on the GPU machine: pip install --no-deps ${DIR}/*.whl"
+echo "Wheels in ${DIR}; on the GPU machine: python -m pip install --no-deps ${DIR}/*.whl"

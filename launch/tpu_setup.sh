@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Copies this repository to every worker of a TPU VM slice and installs it with the tpu extra.
 #   TPU_NAME=my-v5p ZONE=us-east5-a launch/tpu_setup.sh
-# Optional: PROJECT, REMOTE_DIR (default dense_ssm), DRY_RUN=1.
+# Optional: PROJECT, REMOTE_DIR (default dense_ssm, relative to the remote home directory),
+# DRY_RUN=1.
 set -euo pipefail
 # shellcheck source-path=SCRIPTDIR source=common.sh
 source "$(dirname "$0")/common.sh"
@@ -9,6 +10,7 @@ require TPU_NAME ZONE
 
 REPO="$(cd "$(dirname "$0")/.." && pwd)"
 REMOTE_DIR="${REMOTE_DIR:-dense_ssm}"
+remote_dir="$(printf '%q' "${REMOTE_DIR}")"  # one word in the remote shell, whatever it holds
 project=()
 if [[ -n "${PROJECT:-}" ]]; then project=(--project="${PROJECT}"); fi
 
@@ -19,4 +21,4 @@ run git -C "${REPO}" archive --format=tar.gz -o "${ARCHIVE}" HEAD
 run gcloud compute tpus tpu-vm scp "${ARCHIVE}" "${TPU_NAME}:dense_ssm.tar.gz" \
     --zone="${ZONE}" --worker=all "${project[@]}"
 run gcloud compute tpus tpu-vm ssh "${TPU_NAME}" --zone="${ZONE}" --worker=all "${project[@]}" \
-    --command="mkdir -p ${REMOTE_DIR} && tar -xzf dense_ssm.tar.gz -C ${REMOTE_DIR} && cd ${REMOTE_DIR} && python3 -m pip install -q -e '.[tpu]'"
+    --command="mkdir -p ${remote_dir} && tar -xzf dense_ssm.tar.gz -C ${remote_dir} && cd ${remote_dir} && python3 -m pip install -q -e '.[tpu]'"

@@ -1,7 +1,9 @@
 """Tests of dense_ssm/data.py and dense_ssm/tokenizer.py on tiny temporary corpora."""
 
+import hashlib
 import json
 import os
+import sys
 
 import numpy as np
 import pytest
@@ -227,6 +229,65 @@ def test_stdlib_source_with_max_chars():
   assert any("import" in t for t in train.items)
 
 
+def write_py_tree(root, files):
+  """files: {relative path: text}; returns the root as a str."""
+  for rel, text in files.items():
+    (root / rel).parent.mkdir(parents=True, exist_ok=True)
+    (root / rel).write_text(text, encoding="utf-8")
+  return str(root)
+
+
+def content_u(text):
+  return int(hashlib.sha256(text.encode()).hexdigest()[-13:], 16) / 2**52
+
+
+def test_pysrc_dedupes_by_content_and_counts(tmp_path, monkeypatch):
+  files = {f"pkg/mod{i}.py": t for i, t in enumerate(CORPUS)}
+  files.update({"other/copy_of_3.py": CORPUS[3], "pkg/sub/again_7.py": CORPUS[7],
+                "pkg/__init__.py": "", "other/__init__.py": " \n",
+                "pkg/__pycache__/cached.py": "cached = 1\n", "pkg/notes.txt": "not python\n"})
+  root = write_py_tree(tmp_path / "lib", files)
+  monkeypatch.setattr(data, "_pysrc_roots", lambda: (root,))
+  c = make_config("pysrc", valid_fraction=0.2)
+  train, valid = data.load_documents(c, "train"), data.load_documents(c, "valid")
+  assert train.stats.num_documents + valid.stats.num_documents == len(CORPUS)
+  assert sorted(list(train.items) + list(valid.items)) == sorted(CORPUS)
+  assert train.stats.empty_documents == 2  # the two blank __init__.py
+  assert train.stats.num_bytes + valid.stats.num_bytes == sum(len(t.encode()) for t in CORPUS)
+  assert train.stats.num_bytes == sum(len(t.encode()) for t in train.items)
+  for docs in (train, valid):  # documents in content-hash order
+    digests = [hashlib.sha256(t.encode()).hexdigest() for t in docs.items]
+    assert digests == sorted(digests)
+  assert valid.stats.num_documents >= 1
+  assert all(content_u(t) < 0.2 for t in valid.items)
+  assert all(content_u(t) >= 0.2 for t in train.items)
+  tok = data.load_tokenizer(c, None)
+  batch = next(data.make_train_iterator(c, tok, seed=0, process_index=0, process_count=1))
+  assert batch["inputs"].shape == (4, SEQ_LEN)
+
+
+def test_pysrc_split_is_stable_across_layouts_and_respects_max_chars(tmp_path, monkeypatch):
+  """The same contents under other paths and names give the same splits, in the same order."""
+  a = write_py_tree(tmp_path / "a", {f"m{i}.py": t for i, t in enumerate(CORPUS)})
+  b = write_py_tree(tmp_path / "b", {f"x/{len(CORPUS) - i}/z.py": t for i, t in enumerate(CORPUS)})
+  c = make_config("pysrc", valid_fraction=0.2)
+  splits = []
+  for root in (a, b):
+    monkeypatch.setattr(data, "_pysrc_roots", lambda root=root: (root,))
+    splits.append([list(data.load_documents(c, s).items) for s in ("train", "valid")])
+  assert splits[0] == splits[1]
+  monkeypatch.setattr(data, "_pysrc_roots", lambda: (a,))
+  c.data.max_chars = 500
+  train, valid = data.load_documents(c, "train"), data.load_documents(c, "valid")
+  assert train.stats.num_chars + valid.stats.num_chars == 500
+  by_hash = sorted(CORPUS, key=lambda t: hashlib.sha256(t.encode()).hexdigest())
+  got = list(train.items) + list(valid.items)
+  k = len(got)
+  assert set(by_hash[:k - 1]) < set(got)  # the first documents in hash order, whole...
+  (cut,) = set(got) - set(by_hash[:k - 1])
+  assert by_hash[k - 1].startswith(cut)  # ...and the next one cut at the budget
+
+
 def test_tfds_source():
   tfds = pytest.importorskip("tensorflow_datasets")
   c = make_config("tfds:lm1b")
@@ -235,6 +296,12 @@ def test_tfds_source():
     assert len(train.items) == 6 and isinstance(train.items[3], str)
     c.data.max_chars = 10
     assert sum(map(len, data.load_documents(c, "valid").items)) <= 10
+
+
+def test_tfds_source_without_tensorflow_datasets_names_the_extra(monkeypatch):
+  monkeypatch.setitem(sys.modules, "tensorflow_datasets", None)  # import raises ImportError
+  with pytest.raises(ValueError, match=r'needs tensorflow-datasets.*pip install -e "\.\[tfds\]"'):
+    data.load_documents(make_config("tfds:lm1b"))
 
 
 def test_non_utf8_is_counted_not_fatal(tmp_path):

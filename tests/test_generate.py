@@ -13,6 +13,9 @@ from tests.helpers import init, tiny
 
 # Random tiny models with the default init_std repeat one token; a larger scale gives varied text.
 STD = 0.3
+# Mamba's reference init reads init_std only for the embedding (and dense gates); at STD the
+# embedding dominates the residual stream and the model echoes its last input, so keep 0.02.
+MAMBA_STD = 0.02
 PROMPTS = [[1, 5, 7, 9, 11, 13, 17, 19, 23], [1, 4], [1, 8, 6, 50, 3]]
 
 
@@ -31,7 +34,7 @@ def _greedy_matches_full_logits(cfg, params, prompt, n):
 
 @pytest.mark.parametrize("name", ["dense_retnet", "retnet_ffn", "dense_mamba", "transformer"])
 def test_greedy_equals_argmax_of_full_sequence_logits(name):
-  cfg = tiny(name, init_std=STD, num_layers=2)
+  cfg = tiny(name, init_std=MAMBA_STD if "mamba" in name else STD, num_layers=2)
   _, params = init(cfg)
   out = _greedy_matches_full_logits(cfg, params, PROMPTS[0], 12)
   assert len(set(out)) > 2  # not a degenerate repetition

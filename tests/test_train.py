@@ -42,8 +42,9 @@ def test_end_to_end_loss_falls_and_writes_events_and_checkpoints(trained):
 
 
 def _tree_state(path: str) -> dict[str, float]:
+  """{file: mtime} under `path`, except the workdir lock files (each run rewrites its record)."""
   return {os.path.join(d, f): os.path.getmtime(os.path.join(d, f))
-          for d, _, files in os.walk(path) for f in files}
+          for d, _, files in os.walk(path) for f in files if not f.startswith(".lock.")}
 
 
 def test_bad_inputs_fail_with_one_line_and_write_nothing(trained, tmp_path):

@@ -7,9 +7,33 @@ turns the `config.model` ConfigDict of a training config into one.
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 from typing import Any, Mapping
 
 FAMILIES = ("dense_retnet", "retnet_ffn", "mamba", "transformer")
+FLOAT_DTYPES = ("float32", "bfloat16", "float16", "float64")
+# ModelConfig fields that say how a model is trained or computed, not what its weights compute.
+COMPUTE_FIELDS = ("dropout", "init_std", "max_len", "mode", "impl", "chunk_size", "dtype",
+                  "param_dtype", "remat")
+
+
+def _check_int(name: str, value: Any, minimum: int) -> None:
+  """`value` must be an int (not a bool, float or None) >= minimum; the error names the key."""
+  if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+    raise ValueError(f"{name}={value!r} must be an integer >= {minimum}; fix it in the config.")
+  if value < minimum:
+    raise ValueError(f"{name}={value} must be >= {minimum}; fix it in the config.")
+
+
+def _check_float(name: str, value: Any, low: float, high: float = math.inf,
+                 low_open: bool = False) -> None:
+  """`value` must be a finite number in [low, high) (or (low, high) when low_open)."""
+  ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and \
+      math.isfinite(value) and (value > low if low_open else value >= low) and value < high
+  if not ok:
+    bound = f"{'>' if low_open else '>='} {low}" + (f" and < {high}" if high < math.inf else "")
+    raise ValueError(f"{name}={value!r} must be a finite number {bound}; fix it in the config.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,11 +55,9 @@ class DenseConfig:
 
   def __post_init__(self):
     for key in ("layers", "gate_width_k", "gate_width_v"):
-      if getattr(self, key) < 0:
-        raise ValueError(f"dense.{key}={getattr(self, key)} must be >= 0.")
+      _check_int(f"dense.{key}", getattr(self, key), 0)
     for key in ("every", "r_k", "r_v"):
-      if getattr(self, key) < 1:
-        raise ValueError(f"dense.{key}={getattr(self, key)} must be >= 1.")
+      _check_int(f"dense.{key}", getattr(self, key), 1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,6 +106,33 @@ class ModelConfig:
       raise ValueError(f"model.family={self.family!r} is unknown; use one of {FAMILIES}.")
     if isinstance(self.dense, Mapping):
       object.__setattr__(self, "dense", DenseConfig(**self.dense))
+    self._check_fields()
+
+  def _check_fields(self) -> None:
+    """Sizes are positive integers, rates finite and in range, switches booleans, names str."""
+    for key in ("vocab_size", "num_layers", "hidden_size", "qk_dim", "v_factor", "num_heads",
+                "ffn_dim", "max_len", "state_dim", "expand", "conv_width", "chunk_size"):
+      _check_int(f"model.{key}", getattr(self, key), 1)
+    _check_int("model.dt_rank", self.dt_rank, 0)
+    _check_float("model.norm_eps", self.norm_eps, 0.0, low_open=True)
+    _check_float("model.rope_base", self.rope_base, 0.0, low_open=True)
+    _check_float("model.init_std", self.init_std, 0.0)
+    _check_float("model.dropout", self.dropout, 0.0, 1.0)
+    for key in ("tie_embeddings", "use_bias", "remat"):
+      if not isinstance(getattr(self, key), bool):
+        raise ValueError(f"model.{key}={getattr(self, key)!r} must be true or false.")
+    for key in ("ffn_act", "norm_type", "pos_emb", "mode", "impl"):
+      if not isinstance(getattr(self, key), str):
+        raise ValueError(f"model.{key}={getattr(self, key)!r} must be a string.")
+    for key in ("dtype", "param_dtype"):
+      if getattr(self, key) not in FLOAT_DTYPES:
+        raise ValueError(f"model.{key}={getattr(self, key)!r} is not a float dtype; use one of "
+                         f"{FLOAT_DTYPES}.")
+    if not isinstance(self.dense, DenseConfig):
+      raise ValueError(f"model.dense={self.dense!r} must be a mapping of dense options.")
+    if self.family == "transformer" and self.hidden_size % self.num_heads:
+      raise ValueError(f"model.hidden_size={self.hidden_size} is not divisible by "
+                       f"model.num_heads={self.num_heads}.")
 
   @property
   def v_dim(self) -> int:
@@ -114,3 +163,8 @@ class ModelConfig:
 
   def to_dict(self) -> dict[str, Any]:
     return dataclasses.asdict(self)
+
+  def architecture(self) -> dict[str, Any]:
+    """The fields that decide what trained weights compute: `to_dict()` without
+    COMPUTE_FIELDS. Exports record it; loading refuses a config that differs from it."""
+    return {k: v for k, v in self.to_dict().items() if k not in COMPUTE_FIELDS}
