@@ -32,11 +32,11 @@ How requests run.
     `max_length` tokens (as lm-eval's HF model does).
   loglikelihood_rolling: log p(document | prefix token), the document encoded without BOS.
     SSM families (RetNet, Mamba) score a whole document as one sequence: one that fits
-    `max_length` is packed like the above; a longer one is prefilled on its first window and
-    then continues from the carried recurrent state window by window, so every token sees the
-    whole document. (A continuation window runs the model's decode step over the window inside
-    one jitted scan: the models' chunked prefill always starts from an empty state.) The
-    Transformer scores lm-eval's rolling windows (`max_length` tokens, disjoint predictions).
+    `max_length` is packed like the above; a longer one runs through the model's prefill
+    window by window (`max_length` tokens each), every window starting from the recurrent state
+    and positions the previous one left, so every token sees the whole document with memory
+    bounded by the window. The Transformer scores lm-eval's rolling windows (`max_length`
+    tokens, disjoint predictions).
   generate_until: requests grouped by generation arguments, left-padded batches through
     dense_ssm/generate.py's jitted start + decode blocks; after each block of 32 steps the
     rows are decoded and the batch stops once every row has hit EOS or a stop string;
@@ -121,16 +121,16 @@ def pack_rows(lengths: Sequence[int], rows: int, max_len: int,
 
 @functools.lru_cache(maxsize=8)
 def _scoring_fns(cfg):
-  """Jitted (packed, first_window, next_window) for one inference config, shared by every
-  Scorer of that config. Each returns per-token target log-probs and argmax matches:
-    packed(params, tokens, segment_ids, targets)        packed rows, states reset per segment
-    first_window(params, tokens, targets) -> (+ cache)  prefill from an empty state
-    next_window(params, cache, tokens, targets)         decode steps from the carried cache
+  """Jitted (packed, window) for one inference config, shared by every Scorer of that config.
+  Both return per-token target log-probs and argmax matches:
+    packed(params, tokens, segment_ids, targets)   packed rows, state reset at each segment
+    window(params, cache, tokens, targets)         prefill continuing from `cache` (its state
+                                                   and positions); also returns the new cache
   """
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
 
-  from dense_ssm.models import build_model, init_cache  # pylint: disable=g-import-not-at-top
+  from dense_ssm.models import build_model  # pylint: disable=g-import-not-at-top
 
   model = build_model(cfg)
 
@@ -143,22 +143,13 @@ def _scoring_fns(cfg):
     logits = model.apply({"params": params}, tokens_BxT, segment_ids=segment_ids_BxT)
     return target_scores(logits, targets_BxT)
 
-  def first_window(params, tokens_BxW, targets_BxW):
-    cache = init_cache(cfg, tokens_BxW.shape[0], 0)
-    logits, cache = model.apply({"params": params}, tokens_BxW, cache, method=model.prefill)
+  def window(params, cache, tokens_BxW, targets_BxW):
+    positions_BxW = cache["pos"][:, None] + jnp.arange(tokens_BxW.shape[1])[None]
+    logits, cache = model.apply({"params": params}, tokens_BxW, cache, None, positions_BxW,
+                                method=model.prefill)
     return (*target_scores(logits, targets_BxW), cache)
 
-  def next_window(params, cache, tokens_BxW, targets_BxW):
-    def step(c, xs):
-      tok_B, tgt_B = xs
-      logits_BxV, c = model.apply({"params": params}, tok_B, c, method=model.decode_step)
-      logp_Bx1, greedy_Bx1 = target_scores(logits_BxV[:, None], tgt_B[:, None])
-      return c, (logp_Bx1[:, 0], greedy_Bx1[:, 0])
-
-    cache, (logp_WxB, greedy_WxB) = jax.lax.scan(step, cache, (tokens_BxW.T, targets_BxW.T))
-    return logp_WxB.T, greedy_WxB.T, cache
-
-  return jax.jit(packed), jax.jit(first_window), jax.jit(next_window, donate_argnums=(1,))
+  return jax.jit(packed), jax.jit(window, donate_argnums=(1,))
 
 
 class Scorer:
@@ -185,7 +176,7 @@ class Scorer:
         self.max_length > self.cfg.max_len:
       raise ValueError(f"max_length={self.max_length} exceeds the model's {self.cfg.max_len} "
                        "learned positions; lower max_length.")
-    self._packed, self._first_window, self._next_window = _scoring_fns(self.cfg)
+    self._packed, self._window = _scoring_fns(self.cfg)
 
   # -------------------------------------------------------------------- log-likelihood
 
@@ -240,7 +231,10 @@ class Scorer:
     return out
 
   def _score_carried(self, seqs, n_scores):
-    """Sequences longer than a window: first window by prefill, then the carried state."""
+    """Sequences longer than a window: windows of max_length tokens through the prefill, each
+    starting from the state and positions the previous one left (the first from zero)."""
+    from dense_ssm.models import init_cache  # pylint: disable=g-import-not-at-top
+
     w, pad = self.max_length, self.pre.pad_id
     order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
     out = [None] * len(seqs)
@@ -252,12 +246,11 @@ class Scorer:
       for r, i in enumerate(group):
         s = seqs[i]
         tokens[r, :len(s) - 1], targets[r, :len(s) - 1] = s[:-1], s[1:]
-      logp, greedy, cache = self._first_window(self.pre.params, tokens[:, :w], targets[:, :w])
-      logps, greedys = [np.asarray(logp)], [np.asarray(greedy)]
-      for k in range(1, n_windows):
+      cache = init_cache(self.cfg, self.rows, 0)
+      logps, greedys = [], []
+      for k in range(n_windows):
         sl = slice(k * w, (k + 1) * w)
-        logp, greedy, cache = self._next_window(self.pre.params, cache, tokens[:, sl],
-                                                targets[:, sl])
+        logp, greedy, cache = self._window(self.pre.params, cache, tokens[:, sl], targets[:, sl])
         logps.append(np.asarray(logp))
         greedys.append(np.asarray(greedy))
       logp, greedy = np.concatenate(logps, axis=1), np.concatenate(greedys, axis=1)

@@ -9,6 +9,7 @@ whitespace folding, so any text (source code, indentation, newlines, emoji) roun
 
 from __future__ import annotations
 
+import collections
 import io
 import os
 from typing import Iterable, Iterator, Sequence
@@ -161,10 +162,9 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, *, max_chars: int = 2
 
 def _too_many_chars(sentences: list[str], vocab_size: int) -> str:
   """The message for text whose distinct characters do not fit `vocab_size` pieces."""
-  counts: dict[str, int] = {}
+  counts = collections.Counter()
   for s in sentences:
-    for ch in s:
-      counts[ch] = counts.get(ch, 0) + 1
+    counts.update(s)
   total = sum(counts.values())
   replaced = counts.get("\ufffd", 0)
   why = ""
