@@ -45,7 +45,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.tfds_field = "text"
   c.data.tfds_train_split = "train"
   c.data.tfds_valid_split = "validation"
-  c.data.tokenizer = ""  # path of a SentencePiece .model; "" trains one on the train split
+  c.data.tokenizer = ""  # SentencePiece .model or HF tokenizer.json; "" trains one (train split)
   c.data.tokenizer_vocab_size = 0  # 0: use model.vocab_size
   c.data.tokenizer_train_chars = 2_000_000  # text sample a new tokenizer is trained on
   c.data.add_bos = True

@@ -11,11 +11,13 @@ dense_ssm.generate --model=OUT` read:
 
   python -m dense_ssm.convert retnet --checkpoint=DIR_OR_FILE --out=OUT [--config=config.json]
       [--tokenizer=tokenizer.model] [--dense_layers=M]
-  python -m dense_ssm.convert mamba-hf --checkpoint=DIR --out=OUT [--tokenizer=SPM.model]
+  python -m dense_ssm.convert mamba-hf --checkpoint=DIR --out=OUT [--tokenizer=tokenizer.json]
 
 DIR holds config.json, the weights (model.safetensors, pytorch_model.bin, or shards with their
-*.index.json) and, for DenseRetNet, tokenizer.model. torch (for .bin files) and safetensors are
-imported only when a file is read; torch is the optional `convert` extra.
+*.index.json) and the tokenizer: tokenizer.model (SentencePiece, DenseRetNet) or tokenizer.json
+(Hugging Face, e.g. the GPT-NeoX tokenizer of state-spaces/mamba-*-hf), which the export
+carries. torch (for .bin files) and safetensors are imported only when a file is read; torch is
+the optional `convert` extra, the `tokenizers` library (for tokenizer.json) the `hf` extra.
 """
 
 from __future__ import annotations
@@ -292,6 +294,37 @@ def hf_mamba_config(hf: Mapping[str, Any], state_dict: Mapping[str, Any]) -> Mod
       dense=DenseConfig(layers=0))
 
 
+# (name under backbone.layers.{i}., our path under layers_{i}/, layout): "T" = a linear weight
+# ([out, in] there, [in, out] here), "conv" = the depthwise conv ([d_inner, 1, W] there, [W,
+# d_inner] here), "" = as is. One table for both directions (from_hf_mamba, to_hf_mamba).
+_MAMBA_LAYER_MAP = (
+    ("norm.weight", ("input_layernorm", "scale"), ""),
+    ("mixer.in_proj.weight", ("self_attn", "in_proj", "kernel"), "T"),
+    ("mixer.conv1d.weight", ("self_attn", "conv_kernel"), "conv"),
+    ("mixer.conv1d.bias", ("self_attn", "conv_bias"), ""),
+    ("mixer.x_proj.weight", ("self_attn", "x_proj", "kernel"), "T"),
+    ("mixer.dt_proj.weight", ("self_attn", "dt_proj", "kernel"), "T"),
+    ("mixer.dt_proj.bias", ("self_attn", "dt_bias"), ""),
+    ("mixer.A_log", ("self_attn", "A_log"), ""),
+    ("mixer.D", ("self_attn", "D"), ""),
+    ("mixer.out_proj.weight", ("self_attn", "out_proj", "kernel"), "T"),
+)
+_MAMBA_CONV_BIAS = "mixer.conv1d.bias"  # optional in checkpoints: zeros when absent
+
+
+def _mamba_name_map(cfg: ModelConfig, prefix: str = "backbone.",
+                    embedding: str = "backbone.embeddings.weight"):
+  """Rows (checkpoint name, our path, layout) of a Mamba-1 model without dense connection."""
+  rows = [(embedding, ("embed_tokens", "embedding"), ""), (prefix + "norm_f.weight",
+                                                           ("norm", "scale"), "")]
+  if not cfg.tie_embeddings:
+    rows.append(("lm_head.weight", ("lm_head", "kernel"), "T"))
+  for i in range(cfg.num_layers):
+    rows += [(f"{prefix}layers.{i}.{name}", (f"layers_{i}",) + ours, how)
+             for name, ours, how in _MAMBA_LAYER_MAP]
+  return rows
+
+
 def from_hf_mamba(state_dict: Mapping[str, Any], cfg: ModelConfig,
                   dtype=np.float32) -> dict[str, Any]:
   """A MambaForCausalLM state dict -> our params (family mamba, no dense connection).
@@ -303,37 +336,18 @@ def from_hf_mamba(state_dict: Mapping[str, Any], cfg: ModelConfig,
 
   prefix = _mamba_prefix(state_dict)
   sd = {k: _to_numpy(v) for k, v in state_dict.items()}
-  used = set()
-
-  def take(name, transpose=False):
-    if name not in sd:
+  flat = {}
+  for name, ours, how in _mamba_name_map(cfg, prefix, _mamba_embedding_key(state_dict, prefix)):
+    if name not in sd and name.endswith(_MAMBA_CONV_BIAS):
+      a = np.zeros(cfg.d_inner, np.float32)
+    elif name not in sd:
       raise ValueError(f"state dict lacks {name!r}: is it a Mamba checkpoint of this config "
                        f"(num_layers={cfg.num_layers})?")
-    used.add(name)
-    a = sd[name]
-    return a.T if transpose else a
-
-  flat = {"embed_tokens/embedding": take(_mamba_embedding_key(state_dict, prefix)),
-          "norm/scale": take(prefix + "norm_f.weight")}
-  if not cfg.tie_embeddings:
-    flat["lm_head/kernel"] = take("lm_head.weight", True)
-  di = cfg.d_inner
-  for i in range(cfg.num_layers):
-    p, q = f"{prefix}layers.{i}.", f"layers_{i}/"
-    mixer = q + "self_attn/"
-    flat[q + "input_layernorm/scale"] = take(p + "norm.weight")
-    flat[mixer + "in_proj/kernel"] = take(p + "mixer.in_proj.weight", True)
-    flat[mixer + "conv_kernel"] = take(p + "mixer.conv1d.weight").reshape(di, -1).T
-    conv_bias = p + "mixer.conv1d.bias"
-    flat[mixer + "conv_bias"] = take(conv_bias) if conv_bias in sd else np.zeros(di, np.float32)
-    flat[mixer + "x_proj/kernel"] = take(p + "mixer.x_proj.weight", True)
-    flat[mixer + "dt_proj/kernel"] = take(p + "mixer.dt_proj.weight", True)
-    flat[mixer + "dt_bias"] = take(p + "mixer.dt_proj.bias")
-    flat[mixer + "A_log"] = take(p + "mixer.A_log")
-    flat[mixer + "D"] = take(p + "mixer.D")
-    flat[mixer + "out_proj/kernel"] = take(p + "mixer.out_proj.weight", True)
-  extra = sorted(k for k in sd if k not in used and not (cfg.tie_embeddings and k ==
-                                                         "lm_head.weight"))
+    else:
+      a = sd.pop(name)
+    flat["/".join(ours)] = a.T if how == "T" else a.reshape(cfg.d_inner, -1).T if \
+        how == "conv" else a
+  extra = sorted(k for k in sd if not (cfg.tie_embeddings and k == "lm_head.weight"))
   if extra:
     raise ValueError(f"state dict has {len(extra)} unexpected key(s), first {extra[0]!r}: check "
                      "that config.json matches the checkpoint (num_hidden_layers, use_bias).")
@@ -344,17 +358,59 @@ def from_hf_mamba(state_dict: Mapping[str, Any], cfg: ModelConfig,
   return params
 
 
+def to_hf_mamba(params: Mapping[str, Any], cfg: ModelConfig) -> dict[str, np.ndarray]:
+  """Our params (family mamba, dense.layers = 0) -> a MambaForCausalLM state dict of numpy
+  arrays (lm_head.weight only when untied, as transformers saves it)."""
+  if cfg.family != "mamba" or cfg.dense.layers:
+    raise ValueError("MambaForCausalLM holds plain Mamba only (family=mamba, dense.layers=0).")
+  out = {}
+  for name, ours, how in _mamba_name_map(cfg):
+    a = np.asarray(_get(params, ours))
+    out[name] = np.ascontiguousarray(a.T if how == "T" else a.T[:, None, :] if how == "conv"
+                                     else a)
+  return out
+
+
 # ------------------------------------------------------------------------------ CLI
 
 
 def _find_tokenizer(checkpoint: str, given: str | None):
-  from dense_ssm.tokenizer import Tokenizer  # pylint: disable=g-import-not-at-top
+  """`given`, else tokenizer.model or tokenizer.json next to the weights, else None."""
+  from dense_ssm import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
 
   if given:
-    return Tokenizer.from_file(given)
+    return tokenizer_lib.load_file(given)
   folder = checkpoint if os.path.isdir(checkpoint) else os.path.dirname(checkpoint)
-  path = os.path.join(folder, "tokenizer.model")
-  return Tokenizer.from_file(path) if os.path.exists(path) else None
+  path = tokenizer_lib.find_file(folder)
+  return tokenizer_lib.load_file(path) if path else None
+
+
+def read(kind: str, checkpoint: str, *, config: str | None = None, tokenizer: str | None = None,
+         dense_layers: int | None = None):
+  """A checkpoint (`kind` retnet | mamba-hf: a directory with config.json, or a weights file
+  with `config`) as an `export.Pretrained` with float32 numpy params."""
+  from dense_ssm import export  # pylint: disable=g-import-not-at-top
+
+  if not os.path.exists(checkpoint):
+    raise FileNotFoundError(f"--checkpoint={checkpoint} does not exist.")
+  folder = checkpoint if os.path.isdir(checkpoint) else os.path.dirname(checkpoint)
+  meta = read_json(config or os.path.join(folder, "config.json"))
+  sd = load_checkpoint(checkpoint)
+  if kind == "retnet":
+    cfg = reference_config(meta, sd, dense_layers)
+    params = from_reference(sd, cfg)
+  elif kind == "mamba-hf":
+    cfg = hf_mamba_config(meta, sd)
+    params = from_hf_mamba(sd, cfg)
+  else:
+    raise ValueError(f"unknown checkpoint kind {kind!r}; use retnet or mamba-hf.")
+  tok = _find_tokenizer(checkpoint, tokenizer)
+  ids = {"bos_id": tok.bos_id, "eos_id": tok.eos_id} if tok is not None else {}
+  ids.update({k.replace("_token", ""): meta[k] for k in ("bos_token_id", "eos_token_id")
+              if isinstance(meta.get(k), int)})  # the checkpoint's own ids win
+  export.check_tokenizer(tok, cfg, checkpoint)
+  return export.Pretrained(cfg=cfg, params=params, tokenizer=tok, add_bos=kind == "retnet",
+                           source=os.path.abspath(checkpoint), **ids)
 
 
 def convert(kind: str, checkpoint: str, out: str, *, config: str | None = None,
@@ -369,23 +425,7 @@ def convert(kind: str, checkpoint: str, out: str, *, config: str | None = None,
     raise FileNotFoundError(f"--checkpoint={checkpoint} does not exist.")
   export.check_not_inside(out, checkpoint, "--checkpoint")
   export.check_out_dir(out, overwrite)
-  folder = checkpoint if os.path.isdir(checkpoint) else os.path.dirname(checkpoint)
-  meta = read_json(config or os.path.join(folder, "config.json"))
-  sd = load_checkpoint(checkpoint)
-  if kind == "retnet":
-    cfg = reference_config(meta, sd, dense_layers)
-    params = from_reference(sd, cfg)
-  elif kind == "mamba-hf":
-    cfg = hf_mamba_config(meta, sd)
-    params = from_hf_mamba(sd, cfg)
-  else:
-    raise ValueError(f"unknown checkpoint kind {kind!r}; use retnet or mamba-hf.")
-  tok = _find_tokenizer(checkpoint, tokenizer)
-  ids = {k.replace("_token", ""): meta[k] for k in ("bos_token_id", "eos_token_id")
-         if isinstance(meta.get(k), int)}
-  pre = export.Pretrained(cfg=cfg, params=params, tokenizer=tok, add_bos=kind == "retnet",
-                          source=os.path.abspath(checkpoint), **ids)
-  export.check_tokenizer(tok, cfg, checkpoint)
+  pre = read(kind, checkpoint, config=config, tokenizer=tokenizer, dense_layers=dense_layers)
   return export.save_pretrained(pre, out, dtype=dtype, overwrite=overwrite)
 
 
@@ -402,7 +442,8 @@ def main(argv=None) -> int:
                  help="replace a non-empty --out (swapped in once the new export is complete)")
   p.add_argument("--config", default=None, help="config.json (default: next to the weights)")
   p.add_argument("--tokenizer", default=None,
-                 help="SentencePiece .model (default: tokenizer.model next to the weights)")
+                 help="SentencePiece .model or Hugging Face tokenizer.json (default: "
+                      "tokenizer.model or tokenizer.json next to the weights)")
   p.add_argument("--dense_layers", type=int, default=None,
                  help="retnet: dense depth m (default: config's dense_block_layers, else 2)")
   p.add_argument("--dtype", default=None, help="store params as this dtype, e.g. bfloat16")

@@ -1,4 +1,4 @@
-"""Data pipeline: documents -> SentencePiece ids -> packed rows -> batches (grain dataset API).
+"""Data pipeline: documents -> token ids -> packed rows -> batches (grain dataset API).
 
 Sources, `config.data.source`:
   stdlib            the *.py files of the running interpreter's standard library (~30 MB, no
@@ -70,7 +70,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from dense_ssm.tokenizer import BOS_ID, EOS_ID, Tokenizer, train_tokenizer
+from dense_ssm.tokenizer import BOS_ID, EOS_ID, HF_FILE, Tokenizer, train_tokenizer
 
 Batch = dict[str, np.ndarray]
 SCHEMES = ("text", "jsonl", "tfds", "arrayrecord")
@@ -430,7 +430,11 @@ def write_arrayrecord(path: str, documents: Sequence[Sequence[int]]) -> None:
 
 
 def _check_vocab(tokenizer: Tokenizer, vocab_size: int) -> None:
-  if tokenizer.vocab_size != vocab_size:
+  """A SentencePiece model must fill the embedding exactly (a cached one of another size means
+  the config changed); a Hugging Face tokenizer may be smaller (their checkpoints pad the
+  embedding, e.g. GPT-NeoX's 50,277 tokens in 50,280 rows), never larger."""
+  smaller_ok = tokenizer.file_name == HF_FILE and tokenizer.vocab_size < vocab_size
+  if tokenizer.vocab_size != vocab_size and not smaller_ok:
     where, n = tokenizer.path or "the tokenizer", tokenizer.vocab_size
     raise ValueError(f"{where} has {n} pieces but model.vocab_size={vocab_size}; set "
                      f"model.vocab_size={n} or use a tokenizer with {vocab_size} pieces (delete "
@@ -438,7 +442,8 @@ def _check_vocab(tokenizer: Tokenizer, vocab_size: int) -> None:
 
 
 def load_tokenizer(config, workdir: str | None = None) -> Tokenizer:
-  """`config.data.tokenizer` if set; else `workdir/tokenizer.model` if present; else trains one.
+  """`config.data.tokenizer` (a SentencePiece .model or a Hugging Face tokenizer.json) if set;
+  else `workdir/tokenizer.model` if present; else trains one (SentencePiece).
 
   Training uses at most `data.tokenizer_train_chars` characters of the train split (documents
   in a fixed shuffled order), `data.tokenizer_vocab_size` pieces (0: `model.vocab_size`), and
@@ -488,6 +493,10 @@ def _tokens_fn(docs: Documents, config, tokenizer: Tokenizer | None) -> Callable
     raise ValueError(f"data.source={d.source!r} is text; pass a tokenizer (load_tokenizer)")
   bos = np.asarray([tokenizer.bos_id if tokenizer else BOS_ID] if d.add_bos else [], np.int32)
   eos = np.asarray([tokenizer.eos_id if tokenizer else EOS_ID] if d.add_eos else [], np.int32)
+  for name, ids in (("bos", bos), ("eos", eos)):
+    if ids.size and ids[0] < 0:
+      raise ValueError(f"{tokenizer.path or 'the tokenizer'} has no {name.upper()} token; set "
+                       f"data.add_{name}=false")
 
   def fn(doc) -> dict:
     if docs.pretokenized:

@@ -4,7 +4,8 @@ An export directory holds everything inference needs, and nothing of training:
 
   OUT/config.json          {"format": "dense_ssm", "model": ModelConfig dict, "add_bos", ...}
   OUT/model.safetensors    the params, flat names such as "layers_0/self_attn/q_proj/kernel"
-  OUT/tokenizer.model      the SentencePiece model (when the run had one)
+  OUT/tokenizer.model      the SentencePiece model, or OUT/tokenizer.json, the Hugging Face
+                           tokenizer (whichever the run or checkpoint had, if any)
   OUT/serving/             (--serving) jax.export StableHLO of prefill, decode_step and a whole
                            sampling generation, a manifest, and `serve.py`, a loader that
                            imports only jax and numpy (a copy of dense_ssm/serve.py)
@@ -205,7 +206,7 @@ def write_directory(out: str, write: Callable[[str], Any], *, overwrite: bool = 
 
 def save_pretrained(pre: Pretrained, out: str, *, dtype: str | None = None,
                     overwrite: bool = False) -> str:
-  """Writes config.json, model.safetensors and tokenizer.model (when there is a tokenizer) as
+  """Writes config.json, model.safetensors and the tokenizer (when there is one) as
   the directory `out`; returns `out`. A non-empty `out` is refused unless `overwrite`, which
   replaces it whole once the new files are written (`write_directory`).
 
@@ -240,8 +241,8 @@ def write_export(pre: Pretrained, out: str, *, dtype: str | None = None,
   with open(os.path.join(out, CONFIG_FILE), "w") as f:
     json.dump(meta, f, indent=2)
   if pre.tokenizer is not None:
-    with open(os.path.join(out, TOKENIZER_FILE), "wb") as f:
-      f.write(pre.tokenizer.model_proto)
+    with open(os.path.join(out, pre.tokenizer.file_name), "wb") as f:
+      f.write(pre.tokenizer.to_bytes())
   return out
 
 
@@ -297,10 +298,10 @@ def load_pretrained(directory: str, *, dtype: str | None = None) -> Pretrained:
                      "truncated; export the model again.") from None
   check_params(flat, cfg, directory)
   tokenizer = None
-  tok_path = os.path.join(directory, TOKENIZER_FILE)
-  if os.path.exists(tok_path):
-    from dense_ssm.tokenizer import Tokenizer  # pylint: disable=g-import-not-at-top
-    tokenizer = Tokenizer.from_file(tok_path)
+  from dense_ssm import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
+  tok_path = tokenizer_lib.find_file(directory)
+  if tok_path:
+    tokenizer = tokenizer_lib.load_file(tok_path)
     check_tokenizer(tokenizer, cfg, directory)
   return Pretrained(cfg=cfg, params=unflatten_params(flat), tokenizer=tokenizer,
                     add_bos=bool(meta.get("add_bos", True)), **ids, source=directory)
@@ -456,13 +457,14 @@ def _load_step(workdir: str, step: int, dtype: str | None) -> Pretrained:
   data = config.get("data", {})
   tok_path = os.path.expanduser(data.get("tokenizer") or "") or os.path.join(workdir,
                                                                             TOKENIZER_FILE)
-  tokenizer = None
+  tokenizer, ids = None, {}
   if os.path.exists(tok_path):
     from dense_ssm.tokenizer import Tokenizer  # pylint: disable=g-import-not-at-top
     tokenizer = Tokenizer.from_file(tok_path)
     check_tokenizer(tokenizer, cfg, workdir)
+    ids = {"bos_id": tokenizer.bos_id, "eos_id": tokenizer.eos_id}  # what training inserted
   return Pretrained(cfg=cfg, params=state["params"], tokenizer=tokenizer,
-                    add_bos=bool(data.get("add_bos", True)), source=f"{workdir}@{step}")
+                    add_bos=bool(data.get("add_bos", True)), source=f"{workdir}@{step}", **ids)
 
 
 def load_any(path: str, *, dtype: str | None = None) -> Pretrained:

@@ -589,7 +589,7 @@ def _loadable(names: list[str], task_manager) -> list[str]:
       ok.append(name)
     except Exception as e:  # pylint: disable=broad-except  # any dataset failure: skip the task
       msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-      print(f"dense_ssm.evaluate: skipping {name}: {msg[:200]}", file=sys.stderr)
+      print(f"dense_ssm.harness: skipping {name}: {msg[:200]}", file=sys.stderr)
   return ok
 
 
@@ -646,9 +646,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     register()
     from lm_eval.__main__ import cli_evaluate  # pylint: disable=g-import-not-at-top
 
-    if args and args[0] not in ("run", "ls", "validate") and "-h" not in args and \
-        "--help" not in args and not any(a.split("=")[0] == "--model" for a in args):
-      args = ["--model", MODEL_NAME, *args]
+    if args and args[0] not in ("ls", "validate") and "-h" not in args and \
+        "--help" not in args and not any(a.split("=")[0] in ("--model", "-M") for a in args):
+      at = 1 if args[0] == "run" else 0
+      args = [*args[:at], "--model", MODEL_NAME, *args[at:]]
     saved = sys.argv
     sys.argv = ["lm_eval", *args]
     try:

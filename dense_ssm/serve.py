@@ -18,6 +18,7 @@ does not depend on the padding); the Transformer's KV cache holds prompt_len + m
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 import sys
@@ -32,18 +33,25 @@ _DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": jnp.
 
 
 def read_safetensors(path: str) -> dict[str, np.ndarray]:
-  """A safetensors file -> {name: array} (the format: u64 header size, JSON header, bytes)."""
+  """A safetensors file -> {name: array} (the format: u64 header size, JSON header, bytes).
+  A truncated or damaged file raises ValueError."""
   with open(path, "rb") as f:
-    (n,) = struct.unpack("<Q", f.read(8))
-    header = json.loads(f.read(n))
-    data = f.read()
-  out = {}
-  for name, info in header.items():
-    if name == "__metadata__":
-      continue
-    begin, end = info["data_offsets"]
-    out[name] = np.frombuffer(data[begin:end], dtype=_DTYPES[info["dtype"]]).reshape(
-        info["shape"])
+    blob = f.read()
+  try:
+    (n,) = struct.unpack("<Q", blob[:8])
+    header = json.loads(blob[8:8 + n])
+    data = blob[8 + n:]
+    out = {}
+    for name, info in header.items():
+      if name == "__metadata__":
+        continue
+      begin, end = info["data_offsets"]
+      if end > len(data):
+        raise ValueError(f"{name} ends at byte {end} of {len(data)}")
+      out[name] = np.frombuffer(data[begin:end], dtype=_DTYPES[info["dtype"]]).reshape(
+          info["shape"])
+  except (struct.error, ValueError, KeyError, TypeError) as e:  # JSONDecodeError is a ValueError
+    raise ValueError(f"{path} is damaged or truncated ({e}); export the model again.") from None
   return out
 
 
@@ -103,6 +111,12 @@ class ServingModel:
   def generate(self, prompts, temperature=0.0, top_k=0, top_p=1.0, seed=0, stop_at_eos=True):
     """prompts: lists of ids (BOS included if the model expects it). Returns each row's new
     ids, up to and including EOS."""
+    if not (math.isfinite(temperature) and temperature >= 0):
+      raise ValueError(f"temperature={temperature} must be a finite number >= 0 (0 = greedy).")
+    if top_k < 0:
+      raise ValueError(f"top_k={top_k} must be >= 0 (0 = off).")
+    if not 0.0 < top_p <= 1.0:
+      raise ValueError(f"top_p={top_p} must be in (0, 1] (1 = off).")
     tokens, seg = self.pad(prompts)
     eos = self.eos_id if stop_at_eos else -1
     out = self._fns["generate"].call(
@@ -127,9 +141,13 @@ def main(argv=None) -> int:
   p.add_argument("--top_p", type=float, default=1.0)
   p.add_argument("--seed", type=int, default=0)
   a = p.parse_args(argv)
-  m = load(a.directory)
-  ids = [int(x) for x in a.ids.split(",") if x.strip()]
-  print(",".join(map(str, m.generate([ids], a.temperature, a.top_k, a.top_p, a.seed)[0])))
+  try:
+    ids = [int(x) for x in a.ids.split(",") if x.strip()]
+    m = load(a.directory)
+    print(",".join(map(str, m.generate([ids], a.temperature, a.top_k, a.top_p, a.seed)[0])))
+  except (ValueError, OSError) as e:  # bad input: one line
+    print(f"serve.py: error: {' '.join(str(e).split())}", file=sys.stderr)
+    return 1
   return 0
 
 

@@ -17,7 +17,8 @@ import pytest
 from dense_ssm import cli, data, export, train
 from dense_ssm import generate as gen
 from dense_ssm.models.config import ModelConfig
-from dense_ssm.tokenizer import IncrementalDecoder, Tokenizer, train_tokenizer
+from dense_ssm import tokenizer as tokenizer_lib
+from dense_ssm.tokenizer import Tokenizer, train_tokenizer
 from tests import train_testlib
 from tests.helpers import init, tiny
 
@@ -194,9 +195,12 @@ def test_generate_bad_flags_are_one_line(exported, tmp_path, capsys):
 
 
 def test_user_errors_turn_ctrl_c_into_one_line(capsys):
-  with pytest.raises(SystemExit) as e:
-    with cli.user_errors("dense_ssm.x"):
-      raise KeyboardInterrupt
+  try:
+    with pytest.raises(SystemExit) as e:
+      with cli.user_errors("dense_ssm.x"):
+        raise KeyboardInterrupt
+  except KeyboardInterrupt:  # would end the whole pytest session
+    pytest.fail("KeyboardInterrupt escaped cli.user_errors")
   assert e.value.code == 130 and capsys.readouterr().err.strip() == "dense_ssm.x: interrupted"
 
 
@@ -209,6 +213,8 @@ def test_sigint_requests_a_save_like_sigterm():
   try:
     os.kill(os.getpid(), signal.SIGINT)  # no KeyboardInterrupt: the loop saves and exits 0
     assert preempt.reached(5) and preempt.signal_name == "SIGINT"
+  except KeyboardInterrupt:  # would end the whole pytest session
+    pytest.fail("SIGINT raised KeyboardInterrupt instead of requesting a save")
   finally:
     preempt.close()
   assert signal.getsignal(signal.SIGINT) is before
@@ -290,7 +296,7 @@ def test_streaming_decodes_linearly_and_exactly(tokenizer):
     want = tokenizer.decode(ids[:ids.index(2)] if eos == 2 and 2 in ids else ids)
     assert _stream(tokenizer, ids, rng.randint(1, 9), eos) == want
   lead = [tokenizer.byte_values.index(0xE6)]  # the first byte of a 3-byte UTF-8 character
-  decoder = IncrementalDecoder(tokenizer)
+  decoder = tokenizer_lib.IncrementalDecoder(tokenizer)
   assert decoder.update(lead) == "" and decoder.finish(lead) == tokenizer.decode(lead)
 
 

@@ -118,8 +118,8 @@ def test_bad_dense_option_is_a_clear_error():
 
 def test_per_source_gates_each_gate_its_own_source():
   m = 2
-  cfg = tiny("dense_retnet", num_layers=3, dense=DenseConfig(layers=m, gates="per_source", r_k=4,
-                                                             r_v=4))
+  cfg = tiny("dense_retnet", num_layers=3, mode="parallel",
+             dense=DenseConfig(layers=m, gates="per_source", r_k=4, r_v=4))
   model, params = init(cfg)
   for l in range(cfg.num_layers):
     names = set(params[f"layers_{l}"]["self_attn"]["k_fusion"])
@@ -141,19 +141,20 @@ def test_per_source_gates_each_gate_its_own_source():
     np.testing.assert_allclose(mix["kv_fused"][0][idx], _rms(fused, f["norm"]["scale"]),
                                rtol=2e-4, atol=2e-5)
 
-  grads = jax.grad(lambda q: jnp.sum(model.apply({"params": q}, tokens) ** 2))(params)
+  grads = jax.jit(jax.grad(lambda q: jnp.sum(model.apply({"params": q}, tokens) ** 2)))(params)
 
   def norm(l, j):
     g = grads[f"layers_{l}"]["self_attn"]["v_fusion"]
-    return float(jnp.linalg.norm(g[f"fc1_{j}"]["kernel"]) + jnp.linalg.norm(g[f"fc2_{j}"]["kernel"]))
+    return float(jnp.linalg.norm(g[f"fc1_{j}"]["kernel"]) +
+                 jnp.linalg.norm(g[f"fc2_{j}"]["kernel"]))
 
   assert norm(1, 0) > 0 and norm(1, 1) == 0  # layer 1 has one source: its second gate is idle
   assert min(norm(2, j) for j in range(m)) > 0
 
 
 def test_every_k_only_dense_layers_own_fusion_with_the_given_gate_width():
-  cfg = tiny("dense_retnet", num_layers=5, dense=DenseConfig(layers=2, every=2, gate_width_k=6,
-                                                             gate_width_v=10))
+  cfg = tiny("dense_retnet", num_layers=5, mode="parallel",
+             dense=DenseConfig(layers=2, every=2, gate_width_k=6, gate_width_v=10))
   _, params = init(cfg)
   for l in range(cfg.num_layers):
     mixer = params[f"layers_{l}"]["self_attn"]
@@ -165,7 +166,8 @@ def test_every_k_only_dense_layers_own_fusion_with_the_given_gate_width():
 
 
 def test_concat_channel_merge_starts_as_add_and_learns():
-  add = tiny("dense_retnet", num_layers=3, dense=DenseConfig(layers=2, r_k=4, r_v=4))
+  add = tiny("dense_retnet", num_layers=3, mode="parallel",
+             dense=DenseConfig(layers=2, r_k=4, r_v=4))
   cat = replace(add, dense=replace(add.dense, fusion="concat"))
   model, params = init(cat)
   merge = params["layers_1"]["self_attn"]["v_fusion"]["merge_scale"]
@@ -175,7 +177,7 @@ def test_concat_channel_merge_starts_as_add_and_learns():
   np.testing.assert_allclose(model.apply({"params": params}, tokens),
                              build_model(add).apply({"params": add_params}, tokens),
                              rtol=1e-5, atol=1e-5)
-  grads = jax.grad(lambda q: jnp.sum(model.apply({"params": q}, tokens) ** 2))(params)
+  grads = jax.jit(jax.grad(lambda q: jnp.sum(model.apply({"params": q}, tokens) ** 2)))(params)
   g = grads["layers_2"]["self_attn"]["k_fusion"]["merge_scale"]
   assert float(jnp.min(jnp.linalg.norm(g, axis=-1))) > 0  # every input's weights learn
 
@@ -184,12 +186,12 @@ def test_concat_channel_merge_starts_as_add_and_learns():
     ("dense_retnet", DenseConfig(layers=2, gates="per_source", r_k=4, r_v=4)),
     ("dense_retnet", DenseConfig(layers=2, fusion="concat", r_k=4, r_v=4)),
     ("dense_retnet", DenseConfig(layers=2, every=2, gate_width_k=12, gate_width_v=12)),
-    ("dense_mamba", DenseConfig(layers=2, gates="per_source", every=2, r_k=4, r_v=4)),
 ])
 def test_new_options_decode_matches_training_call(name, dense):
-  cfg = tiny(name, num_layers=3, dense=dense)
+  cfg = tiny(name, num_layers=3, mode="parallel", dense=dense)
   model, params = init(cfg)
-  # Move the merge weights away from their init, so that the concat merge matters.
+  # Scale each parameter unevenly along its last axis: the concat weights (all ones at init)
+  # then differ per channel and input, so that the merge matters.
   params = jax.tree.map(lambda x: x * (1.0 + 0.1 * jnp.arange(x.shape[-1]) / x.shape[-1]),
                         params)
   tokens = jax.random.randint(jax.random.PRNGKey(6), (2, 20), 0, cfg.vocab_size)
@@ -197,6 +199,16 @@ def test_new_options_decode_matches_training_call(name, dense):
   assert bool(jnp.all(jnp.isfinite(full)))
   dec = decode_all(cfg, params, tokens, 7)
   assert rel(dec, full) < 1e-4
+
+
+def test_dense_mamba_takes_the_new_options():
+  cfg = tiny("dense_mamba", num_layers=3, dense=DenseConfig(
+      layers=2, gates="per_source", every=2, gate_width_k=5, gate_width_v=7))
+  _, params = init(cfg)
+  assert "x_fusion" not in params["layers_1"]["self_attn"]  # not a dense layer
+  x_fusion = params["layers_2"]["self_attn"]["x_fusion"]
+  assert x_fusion["fc1_1"]["kernel"].shape == (cfg.hidden_size, 7)
+  assert params["layers_2"]["self_attn"]["b_fusion"]["fc2_0"]["kernel"].shape == (5, cfg.state_dim)
 
 
 def test_state_level_mamba_rejects_options_it_cannot_apply():
@@ -223,7 +235,7 @@ def test_paper_ablations_keep_the_parameter_count(variant):
 def test_every_variant_of_retnet_350m_builds():
   for variant in config_lib.RETNET_VARIANTS:
     cfg = config_lib.check_model_config(config_lib.retnet_config("350m", variant))
-    assert cfg.dense.every >= 1
+    assert cfg.family == ("retnet_ffn" if variant == "ffn" else "dense_retnet")
   assert config_lib.retnet_model("350m", "id_mlp") == config_lib.retnet_model("350m", "dense")
   assert config_lib.matched_gate_width("350m", 2, 32) == 96  # 48 * 16 layers / 8 owning
   assert config_lib.matched_gate_width("350m", 4, 32) == 192  # 48 * 16 / 4

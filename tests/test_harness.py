@@ -76,7 +76,8 @@ def cli_run(exported):
   """lm-eval's CLI entry point (through `python -m dense_ssm.harness`'s main), offline."""
   out_dir, root = exported
   with _offline_local_tasks(root):
-    harness.main(["--model_args", f"pretrained={out_dir},max_length={MAX_LENGTH}",
+    harness.main(["--model", "dense_ssm",
+                  "--model_args", f"pretrained={out_dir},max_length={MAX_LENGTH}",
                   "--tasks", "dense_ssm_tiny_mc,dense_ssm_tiny_ppl", "--include_path", TASKS,
                   "--batch_size", "4", "--output_path", str(root / "results"), "--log_samples"])
   found = glob.glob(str(root / "results" / "**" / "results_*.json"), recursive=True)
