@@ -378,13 +378,10 @@ _scan.defvjp(_scan_fwd, _scan_bwd)
 # ------------------------------------------------------------------------------
 # Public entry point.
 
-# GPU: one channel per thread; more, smaller programs hide more memory latency. Measured on an
-# H200 at (8, 2048, 2048, 16) bf16 fwd+bwd (benchmarks/RESULTS.md, 2026-11-29): block_d 32 / 1
-# warp 7.96 ms, 64 / 2 warps 8.12 ms, 128 / 4 warps 8.95 ms; then with one basic block per body:
-# 8-step forward bodies 7.81 ms, with prefetch 5.81 ms (forward 3.34 -> 1.83 ms), 16-step bodies
-# without prefetch 6.96 ms (forward 1.22 ms). Session 4: prefetch in the backward too 5.27 ms
-# against 5.79 ms (255 registers, 120 B spilled vs 72 B). 16-step forward bodies with prefetch
-# were not timed: their Triton compile did not finish within the call's limit.
+# GPU: one channel per thread; more, smaller programs hide more memory latency. The defaults are
+# the fastest measured configuration on an H200 (block_d 32 with one warp, 8-step forward bodies,
+# prefetch in both passes); the timings of every configuration tried are in benchmarks/RESULTS.md
+# ("Selective scan").
 _DEFAULTS = {  # backend -> block_d, chunk, sub_chunk, fwd_sub_chunk, num_warps, reduce_batch
     "tpu": dict(block_d=512, chunk=64, sub_chunk=8, fwd_sub_chunk=8, num_warps=4,
                 reduce_batch=1, prefetch=0, bwd_prefetch=0),
