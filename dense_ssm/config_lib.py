@@ -80,6 +80,9 @@ def base_config() -> ml_collections.ConfigDict:
   # number of processes), restarting the data from its beginning; otherwise that is an error.
   c.train.allow_data_replay = False
   c.train.profile_steps = 0
+  # Weights that start a new run (fine-tuning): an export directory or a Hugging Face Mamba /
+  # original DenseRetNet checkpoint directory (dense_ssm/init_from.py); a resumed run ignores it.
+  c.train.init_from = ""
 
   # Mesh (dense_ssm/sharding.py): -1 fills the remaining devices.
   c.mesh = ml_collections.ConfigDict()

@@ -125,7 +125,7 @@ def load_eval_documents(pre, data: str, *, split: str = "valid", max_docs: int =
   tok, vocab = pre.tokenizer, pre.cfg.vocab_size
   if tok is None and not docs.pretokenized:
     raise ValueError(f"{pre.source} has no tokenizer to read the text of --data={data}; pass "
-                     "--tokenizer=PATH.model (the SentencePiece model it was trained with).")
+                     "--tokenizer=FILE (the tokenizer the model was trained with).")
   bos = [pre.bos_id] if pre.add_bos else []
   ids_out, texts = [], []
   for i in range(n):
@@ -205,8 +205,8 @@ def _define_flags(fv) -> None:
   flags.DEFINE_string("out", None, "JSON file to write (default: eval_<data>_<split>.json in "
                       "the workdir / model directory, or in the current directory if that is "
                       "not writable).", **d)
-  flags.DEFINE_string("tokenizer", None, "SentencePiece .model to use instead of the model's.",
-                      **d)
+  flags.DEFINE_string("tokenizer", None, "Tokenizer file (SentencePiece .model or "
+                      "tokenizer.json) to use instead of the model's.", **d)
   flags.DEFINE_string("dtype", None, "Compute dtype override, e.g. bfloat16.", **d)
   flags.DEFINE_float("valid_fraction", None, "Fraction of documents in the valid split "
                      "(default: the run's setting with --workdir, else the training default).",

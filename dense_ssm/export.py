@@ -563,6 +563,9 @@ def main(argv=None) -> int:
                  help="replace a non-empty --out (swapped in once the new export is complete)")
   p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
   p.add_argument("--dtype", default=None, help="cast params, e.g. bfloat16 (default: as saved)")
+  p.add_argument("--format", default=FORMAT, choices=[FORMAT, "hf"],
+                 help="dense_ssm: this package's export; hf: transformers MambaForCausalLM "
+                 "(plain Mamba) or the original DenseRetNet code's layout (dense_ssm/hf_format.py)")
   p.add_argument("--serving", action="store_true",
                  help="also write serving/: jax.export artifacts and a jax+numpy loader")
   p.add_argument("--serving_batch", type=int, default=0,
@@ -577,6 +580,9 @@ def main(argv=None) -> int:
   a = p.parse_args(argv)
   quiet_logs()
   with cli.user_errors("dense_ssm.export", a.traceback):
+    if a.format == "hf" and a.serving:
+      raise ValueError("--serving writes artifacts of a dense_ssm export; drop --serving or use "
+                       "--format=dense_ssm.")
     check_out_dir(a.out, a.overwrite)  # before the (slow) work
     check_not_inside(a.out, a.workdir, "--workdir", allow_inside=True)
     check_not_inside(a.out, os.path.join(a.workdir, "checkpoints"), "the checkpoints of --workdir")
@@ -584,6 +590,10 @@ def main(argv=None) -> int:
     files = []
 
     def write(tmp):
+      if a.format == "hf":
+        from dense_ssm import hf_format  # pylint: disable=g-import-not-at-top
+        hf_format.write_hf(pre, tmp, dtype=a.dtype, where=a.out)
+        return
       write_export(pre, tmp, dtype=a.dtype, where=a.out)
       if a.serving:
         platforms = tuple(x for x in a.serving_platforms.split(",") if x) or None

@@ -403,7 +403,8 @@ class IncrementalDecoder:
     return self._tok.decode([self._anchor, *ids[start:end]])[self._anchor_len:]
 
   def _byte(self, i: int) -> int:
-    return self._bytes[i] if 0 <= i < len(self._bytes) else -1
+    # Ids past the tokenizer (an embedding padded beyond it) decode to nothing, like specials.
+    return self._bytes[i] if 0 <= i < len(self._bytes) else 0x80
 
   def _clean(self, ids: Sequence[int], k: int) -> bool:
     """No UTF-8 character spans the cut before ids[k] (byte pieces decode greedily byte by

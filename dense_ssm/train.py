@@ -1,6 +1,9 @@
 r"""Trains a language model: `python -m dense_ssm.train --config=configs/default.py --workdir=DIR`.
 
-Overrides: `--config.train.steps=200 --config.mesh.fsdp=4 ...`. The run resumes from the
+Overrides: `--config.train.steps=200 --config.mesh.fsdp=4 ...`. `--config=NAME[:VARIANT]` names
+a config shipped with the package (configs/NAME.py, e.g. `--config=retnet_1b3:gau`). Each run
+writes its resolved config to DIR/config.py, which `--config=DIR/config.py` takes back;
+`--print_config` prints that file and exits (dense_ssm/config_file.py). The run resumes from the
 newest intact checkpoint in `DIR/checkpoints` (a damaged one is set aside, see
 dense_ssm/checkpoint.py); SIGTERM (or Ctrl-C) saves one and exits 0. One trainer per workdir:
 each process locks `DIR/.lock.<process index>` for its life (dense_ssm/workdir_lock.py).
@@ -53,6 +56,9 @@ _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of pr
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
 _TRACEBACK = flags.DEFINE_bool("traceback", False, "Show tracebacks of configuration errors.")
+_PRINT_CONFIG = flags.DEFINE_bool(
+    "print_config", False, "Print the resolved config as a config file (what the run writes to "
+    "WORKDIR/config.py; --config= takes it back) and exit.")
 _SIGKILL_AT = flags.DEFINE_integer(
     "testing_sigkill_after_step", 0,
     "Testing only: SIGKILL this process once step N has finished and pending checkpoints "
@@ -301,6 +307,9 @@ class Trainer:
                                         keep_last=t.keep_last, keep_every=t.keep_every)
     self.latest = self.ckpt.newest_intact_step(self.fns.abstract_state)  # damaged: set aside
     _check_param_dtype(self.ckpt.directory, self.latest, self.fns.abstract_state)
+    from dense_ssm import init_from  # pylint: disable=g-import-not-at-top
+    self.init_params = init_from.prepare(config, self.cfg, self.workdir,  # fine-tuning start
+                                         fresh=self.latest is None, say=_say)
     self.last_saved = self.latest
     self.writer = None
     self.pending: list[tuple[int, Any]] = []
@@ -320,6 +329,9 @@ class Trainer:
     elif c.data.source == "pysrc":
       _say("data: pysrc, every distinct *.py file of this interpreter (standard library and "
            "site-packages, no download); listing hashes each file once.")
+    if jax.process_index() == 0:
+      from dense_ssm import config_file  # pylint: disable=g-import-not-at-top
+      config_file.write(self.workdir, c)  # the resolved config, for --config=WORKDIR/config.py
     hosts = dict(process_index=jax.process_index(), process_count=jax.process_count())
     tokenizer = data.load_tokenizer(c, self.workdir)
     self.train_iter = data.make_train_iterator(c, tokenizer, seed=c.data.shuffle_seed, **hosts)
@@ -334,6 +346,11 @@ class Trainer:
         self.fns.abstract_state)
     if restored is None:
       self.state = self.fns.init(jax.random.key(self.t.seed))
+      if self.init_params is not None:
+        from dense_ssm import init_from  # pylint: disable=g-import-not-at-top
+        self.state["params"] = init_from.place(self.state["params"], self.init_params)
+        self.init_params = None
+        _say(f"initialised the params from {self.t.init_from}")
     else:
       self.latest, self.state, data_state, _ = restored
       self.last_saved = self.latest
@@ -520,7 +537,21 @@ def _flat(d: dict, prefix: str = "") -> dict:
 
 
 def parse_flags(argv: list[str]) -> list[str]:
-  """absl flag parsing whose errors (unknown config key, bad value) are one line, exit 1."""
+  """absl flag parsing whose errors (unknown config key, bad value) are one line, exit 1; a
+  packaged config name given to --config becomes its file's path first."""
+  from dense_ssm import config_file  # pylint: disable=g-import-not-at-top
+
+  argv = list(argv)
+  try:
+    for i, arg in enumerate(argv):
+      if arg.startswith(("--config=", "-config=")):
+        flag, value = arg.split("=", 1)
+        argv[i] = f"{flag}={config_file.resolve(value)}"
+      elif arg in ("--config", "-config") and i + 1 < len(argv):
+        argv[i + 1] = config_file.resolve(argv[i + 1])
+  except ValueError as e:
+    print(f"dense_ssm.train: error: {e}", file=sys.stderr, flush=True)
+    sys.exit(1)
   return cli.absl_flags_parser("dense_ssm.train")(argv)
 
 
@@ -537,6 +568,15 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)
   with cli.user_errors("dense_ssm.train", _TRACEBACK.value, extra=(TrainingError,)):
     config = _load_config()
+    if _PRINT_CONFIG.value:
+      from dense_ssm import config_file  # pylint: disable=g-import-not-at-top
+
+      validate_config(config)
+      warning = resolve_data_source(config)  # as the run would (its warning goes to stderr)
+      if warning:
+        print(warning, file=sys.stderr, flush=True)
+      sys.stdout.write(config_file.to_python(config))
+      return
     if _COMPILE_ONLY.value:
       from dense_ssm import compile as compile_lib  # pylint: disable=g-import-not-at-top
 

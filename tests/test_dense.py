@@ -1,12 +1,13 @@
 """Dense hidden connection semantics (docs/model.md) and its ablation options."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from dense_ssm import config_lib
-from dense_ssm.models import DenseConfig, ModelConfig, build_model, count_params
+from dense_ssm.models import DenseConfig, ModelConfig, abstract_params, build_model, count_params
 from tests.helpers import decode_all, init, rel, replace, tiny
 
 
@@ -155,7 +156,7 @@ def test_per_source_gates_each_gate_its_own_source():
 def test_every_k_only_dense_layers_own_fusion_with_the_given_gate_width():
   cfg = tiny("dense_retnet", num_layers=5, mode="parallel",
              dense=DenseConfig(layers=2, every=2, gate_width_k=6, gate_width_v=10))
-  _, params = init(cfg)
+  params = nn.unbox(abstract_params(cfg))
   for l in range(cfg.num_layers):
     mixer = params[f"layers_{l}"]["self_attn"]
     if l % 2:
@@ -182,13 +183,13 @@ def test_concat_channel_merge_starts_as_add_and_learns():
   assert float(jnp.min(jnp.linalg.norm(g, axis=-1))) > 0  # every input's weights learn
 
 
-@pytest.mark.parametrize("name,dense", [
-    ("dense_retnet", DenseConfig(layers=2, gates="per_source", r_k=4, r_v=4)),
-    ("dense_retnet", DenseConfig(layers=2, fusion="concat", r_k=4, r_v=4)),
-    ("dense_retnet", DenseConfig(layers=2, every=2, gate_width_k=12, gate_width_v=12)),
+@pytest.mark.parametrize("dense", [
+    DenseConfig(layers=2, gates="per_source", r_k=4, r_v=4),
+    DenseConfig(layers=2, fusion="concat", r_k=4, r_v=4),
+    DenseConfig(layers=2, every=2, gate_width_k=12, gate_width_v=12),
 ])
-def test_new_options_decode_matches_training_call(name, dense):
-  cfg = tiny(name, num_layers=3, mode="parallel", dense=dense)
+def test_new_options_decode_matches_training_call(dense):
+  cfg = tiny("dense_retnet", num_layers=3, mode="parallel", dense=dense)
   model, params = init(cfg)
   # Scale each parameter unevenly along its last axis: the concat weights (all ones at init)
   # then differ per channel and input, so that the merge matters.
@@ -204,7 +205,7 @@ def test_new_options_decode_matches_training_call(name, dense):
 def test_dense_mamba_takes_the_new_options():
   cfg = tiny("dense_mamba", num_layers=3, dense=DenseConfig(
       layers=2, gates="per_source", every=2, gate_width_k=5, gate_width_v=7))
-  _, params = init(cfg)
+  params = nn.unbox(abstract_params(cfg))
   assert "x_fusion" not in params["layers_1"]["self_attn"]  # not a dense layer
   x_fusion = params["layers_2"]["self_attn"]["x_fusion"]
   assert x_fusion["fc1_1"]["kernel"].shape == (cfg.hidden_size, 7)
