@@ -4,9 +4,13 @@
       ...   # a ValueError("...") here prints "dense_ssm.export: error: ..." and exits 1
 
 `--traceback` (argparse: `add_traceback_flag`) re-raises instead, for debugging. Ctrl-C
-(KeyboardInterrupt) prints `prog: interrupted` and exits 130. absl entry points parse their
-flags with `absl_flags_parser(prog)` and read `--config` with `config_value`, so that flag and
-config-file errors are one line as well.
+(KeyboardInterrupt) prints `prog: interrupted` and exits 130. Every `python -m dense_ssm.X`
+entry point takes absl flags (`--name=value`, `--flag`/`--noflag`): train parses its global
+flags with `absl_flags_parser(prog)` and reads `--config` with `config_value`; the others
+define theirs on a private FlagValues with `parse_flags`; so flag and config-file errors are one
+line as well. (argparse serves the scripts in experiments/ and benchmarks/ and the exported
+serving loader, serve.py, which needs only jax and numpy; `python -m dense_ssm.harness` takes
+lm-eval's own arguments.)
 """
 
 from __future__ import annotations
@@ -98,3 +102,36 @@ def config_value(holder, example: str = "configs/default.py"):
                               f"--{holder.name}={example}") from None
     raise ValueError(f"--{holder.name}={path} failed to load: {one_line(e)}") from None
   return config
+
+
+def parse_flags(prog: str, usage: str, define, argv=None):
+  """absl flags on a private FlagValues, for the `python -m dense_ssm.X` entry points other than
+  train (importing them defines no global flag): `define(fv)` defines the flags, `argv` holds
+  the arguments after the program name (None: sys.argv's). Returns (flag values, positional
+  arguments). `--help` prints `usage` and every flag, then exits 0; an unknown, malformed or
+  missing required flag is one line `prog: error: ...`, exit 1."""
+  import textwrap  # pylint: disable=g-import-not-at-top
+
+  from absl import flags  # pylint: disable=g-import-not-at-top
+
+  argv = list(sys.argv[1:] if argv is None else argv)
+  fv = flags.FlagValues()
+  define(fv)
+  if any(a in ("-h", "-help", "--help", "--helpshort", "--helpfull") for a in argv):
+    lines = [usage.strip(), "", "flags:"]
+    for name in fv:
+      if name in ("flagfile", "undefok"):
+        continue
+      f = fv[name]
+      default = "" if f.default in (None, [], "") else f" (default: {f.default_as_str})"
+      text = " ".join(f.help.split()).replace(".; repeat", "; repeat")  # absl's multi-flag note
+      lines += textwrap.wrap(f"--{name}: {text}{default}", 98, initial_indent="  ",
+                             subsequent_indent="      ")
+    print("\n".join(lines + ["  --help: show this help and exit."]))
+    raise SystemExit(0)
+  try:
+    rest = fv([prog] + argv)
+  except flags.Error as e:
+    print(f"{prog}: error: {one_line(e)}", file=sys.stderr, flush=True)
+    raise SystemExit(1) from None
+  return fv, rest[1:]

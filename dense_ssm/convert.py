@@ -3,7 +3,9 @@ r"""Checkpoint conversion: PyTorch state dicts <-> our params, and the converter
   - the original DenseRetNet code (names: docs/model.md, 'Reference checkpoint names'):
       params = from_reference(load_state_dict("pytorch_model.bin"), cfg)
       state_dict = to_reference(params, cfg)        # numpy arrays under the reference names
-  - Hugging Face `MambaForCausalLM` (and mamba_ssm's own names): from_hf_mamba(state_dict, cfg)
+  - Hugging Face `MambaForCausalLM` (and mamba_ssm's own names): from_hf_mamba(state_dict, cfg),
+    and to_hf_mamba(params, cfg) the other way, from the same name table
+    (`python -m dense_ssm.export --format=hf` writes both layouts: dense_ssm/hf_format.py)
 
 Linear weights are stored [out, in] there and [in, out] here. The CLI writes an export
 directory (dense_ssm/export.py) that `dense_ssm.load_pretrained` and `python -m
@@ -429,30 +431,41 @@ def convert(kind: str, checkpoint: str, out: str, *, config: str | None = None,
   return export.save_pretrained(pre, out, dtype=dtype, overwrite=overwrite)
 
 
-def main(argv=None) -> int:
-  import argparse  # pylint: disable=g-import-not-at-top
+_KINDS = ("retnet", "mamba-hf")
 
-  p = argparse.ArgumentParser(prog="python -m dense_ssm.convert",
-                              description="Convert PyTorch checkpoints to a dense_ssm export.")
-  p.add_argument("kind", choices=["retnet", "mamba-hf"],
-                 help="retnet: original DenseRetNet code; mamba-hf: transformers MambaForCausalLM")
-  p.add_argument("--checkpoint", required=True, help="checkpoint directory or weights file")
-  p.add_argument("--out", required=True, help="export directory to write")
-  p.add_argument("--overwrite", action="store_true",
-                 help="replace a non-empty --out (swapped in once the new export is complete)")
-  p.add_argument("--config", default=None, help="config.json (default: next to the weights)")
-  p.add_argument("--tokenizer", default=None,
-                 help="SentencePiece .model or Hugging Face tokenizer.json (default: "
-                      "tokenizer.model or tokenizer.json next to the weights)")
-  p.add_argument("--dense_layers", type=int, default=None,
-                 help="retnet: dense depth m (default: config's dense_block_layers, else 2)")
-  p.add_argument("--dtype", default=None, help="store params as this dtype, e.g. bfloat16")
-  cli.add_traceback_flag(p)
-  a = p.parse_args(argv)
+
+def _define_flags(fv) -> None:
+  from absl import flags  # pylint: disable=g-import-not-at-top
+
+  d = dict(flag_values=fv)
+  flags.DEFINE_string("checkpoint", None, "Checkpoint directory or weights file.", **d)
+  flags.DEFINE_string("out", None, "Export directory to write.", **d)
+  flags.DEFINE_bool("overwrite", False, "Replace a non-empty --out (swapped in once the new "
+                    "export is complete).", **d)
+  flags.DEFINE_string("config", None, "config.json (default: next to the weights).", **d)
+  flags.DEFINE_string("tokenizer", None, "SentencePiece .model or Hugging Face tokenizer.json "
+                      "(default: tokenizer.model or tokenizer.json next to the weights).", **d)
+  flags.DEFINE_integer("dense_layers", None, "retnet: dense depth m (default: the config's "
+                       "dense_block_layers, else 2).", **d)
+  flags.DEFINE_string("dtype", None, "Store params as this dtype, e.g. bfloat16.", **d)
+  flags.DEFINE_bool("traceback", False, "Show tracebacks of errors.", **d)
+  flags.mark_flags_as_required(["checkpoint", "out"], flag_values=fv)
+
+
+def main(argv=None) -> int:
+  usage = ("Convert PyTorch checkpoints to a dense_ssm export:\n\n  python -m dense_ssm.convert "
+           "KIND --checkpoint=DIR_OR_FILE --out=OUT\n\nKIND: retnet (the original DenseRetNet "
+           "code) | mamba-hf (transformers MambaForCausalLM).")
+  a, rest = cli.parse_flags("dense_ssm.convert", usage, _define_flags, argv)
   with cli.user_errors("dense_ssm.convert", a.traceback, extra=(ImportError,)):  # no torch
-    out = convert(a.kind, a.checkpoint, a.out, config=a.config, tokenizer=a.tokenizer,
+    if len(rest) != 1 or rest[0] not in _KINDS:
+      raise ValueError(f"give one checkpoint kind, {' or '.join(_KINDS)} (python -m "
+                       "dense_ssm.convert mamba-hf --checkpoint=DIR --out=OUT); got "
+                       f"{' '.join(rest) or 'none'}.")
+    kind = rest[0]
+    out = convert(kind, a.checkpoint, a.out, config=a.config, tokenizer=a.tokenizer,
                   dense_layers=a.dense_layers, dtype=a.dtype, overwrite=a.overwrite)
-  print(f"converted {a.checkpoint} ({a.kind}) to {out}")
+  print(f"converted {a.checkpoint} ({kind}) to {out}")
   return 0
 
 

@@ -18,10 +18,15 @@ Sources, `config.data.source`:
                     `write_arrayrecord` makes such files.
   mqar:KNOBS        synthetic multi-query associative recall, one example per row, no tokenizer
                     (dense_ssm/mqar.py documents the knobs, the rows and their weights)
-Files are read in sorted path order; `data.max_chars` (0 = all) caps the characters read from
-text sources (stdlib, pysrc, text, jsonl, and tfds when set). Text is decoded as UTF-8 with
-errors="replace"; `DataStats` counts the files and characters replaced, and the documents
-dropped for being empty or whitespace only.
+Files are read in sorted path order; globs and paths may be URLs (gs://..., through
+dense_ssm/fs.py; `**` on local paths only). `data.max_chars` (0 = all) caps the characters read
+from text sources (stdlib, pysrc, text, jsonl, and tfds when set). With max_chars = 0, text and
+jsonl sources are not held in memory: one streaming pass per file indexes the documents (a
+JSONL line's byte range; a text file's path) and each is read when used (a JSONL line's JSON is
+parsed then); with max_chars set they are read into memory up to the cap. Text is decoded as
+UTF-8 with errors="replace"; `DataStats` counts the files and characters replaced (sources read
+into memory) and the documents dropped for being empty or whitespace only (for lazy JSONL,
+blank lines are skipped but records with empty text are kept).
 
 Train/validation split (tfds uses its own splits): a document is validation iff
 u(key) < data.valid_fraction, u = splitmix64(md5(relative path) + index) / 2^64, index = line
@@ -54,22 +59,24 @@ every host.
 
 from __future__ import annotations
 
+import builtins
+import concurrent.futures
 import dataclasses
 import functools
-import glob
 import hashlib
 import itertools
 import json
 import math
 import os
 import site
-import socket
 import sys
 import sysconfig
-from typing import Any, Callable, Sequence
+import threading
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
+from dense_ssm import fs
 from dense_ssm.tokenizer import BOS_ID, EOS_ID, HF_FILE, Tokenizer, train_tokenizer
 
 Batch = dict[str, np.ndarray]
@@ -82,7 +89,8 @@ SINGLE_DOCUMENT_PIECES = 100  # a text source of one document is split in this m
 @dataclasses.dataclass
 class DataStats:
   """What reading one split found. `empty_documents` (dropped) and `replaced_*` (invalid UTF-8
-  turned into U+FFFD; eager text sources only) count over everything read, both splits."""
+  turned into U+FFFD; text sources read into memory only) count over everything read, both
+  splits."""
 
   source: str
   split: str
@@ -117,14 +125,14 @@ def _parse_source(source: str) -> tuple[str, str]:
 
 
 def _glob(pattern: str, source: str) -> list[tuple[str, str]]:
-  """Sorted (path, path relative to the glob's fixed prefix) of the files `pattern` matches."""
-  pattern = os.path.expanduser(pattern)
-  paths = sorted(p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p))
+  """Sorted (path, path relative to the glob's fixed prefix) of the files `pattern` (a local
+  path or a URL, dense_ssm/fs.py) matches."""
+  pattern = fs.expand(pattern)
+  paths = fs.glob(pattern)
   if not paths:
     raise FileNotFoundError(f"data.source={source!r} matches no files; fix the path or glob")
-  parts = pattern.split(os.sep)
-  fixed = list(itertools.takewhile(lambda s: not glob.has_magic(s), parts))
-  root = os.sep.join(fixed) if len(fixed) < len(parts) else os.path.dirname(pattern)
+  prefix, rest = fs.split_glob(pattern)
+  root = prefix if rest else os.path.dirname(pattern)
   return [(p, os.path.relpath(p, root or ".")) for p in paths]
 
 
@@ -188,8 +196,7 @@ def _pysrc_listing(roots: tuple[str, ...]) -> _PySrcListing:
 
 
 def _read_bytes(path: str) -> bytes:
-  with open(path, "rb") as f:
-    return f.read()
+  return fs.read_bytes(path)
 
 
 def _read_text_file(path: str) -> str:
@@ -257,30 +264,47 @@ def _split_mask(u: np.ndarray, valid_fraction: float, split: str) -> np.ndarray:
 
 
 def _read_text_docs(scheme: str, arg: str, d, split: str) -> Documents:
-  """Eager: reads stdlib / text / jsonl documents (capped by max_chars) and keeps `split`."""
+  """stdlib / text / jsonl documents of `split`: read lazily (text and jsonl without
+  data.max_chars, `_read_lazy_docs`) or eagerly, capped by max_chars (`_read_eager_docs`)."""
   files = _stdlib_files() if scheme == "stdlib" else _glob(arg, d.source)
+  if scheme != "stdlib" and not d.max_chars:
+    return _read_lazy_docs(scheme, files, d, split)
+  return _read_eager_docs(scheme, files, d, split)
+
+
+def _file_documents(scheme: str, path: str, field: str) -> Iterator[tuple[int, str, int]]:
+  """(index, text, invalid UTF-8 runs replaced) of each document of a file, streamed: a text
+  file is one document (index 0); a JSONL file one per non-blank line (index = line)."""
+  if scheme != "jsonl":
+    yield (0, *_decode(fs.read_bytes(path)))
+    return
+  with fs.open(path, "rb") as f:
+    for i, raw in enumerate(f):
+      line, replaced = _decode(raw)
+      doc = _jsonl_text(line, path, i, field)
+      if doc is not None:
+        yield i, doc, replaced
+
+
+def _read_eager_docs(scheme: str, files: list[tuple[str, str]], d, split: str) -> Documents:
+  """Reads documents into memory (at most max_chars characters) and keeps `split`."""
   stats = DataStats(source=d.source, split=split)
   texts, hashes, rels, budget = [], [], [], d.max_chars or math.inf
   for path, rel in files:
-    with open(path, "rb") as f:
-      text, replaced = _decode(f.read())
-    stats.replaced_files += replaced > 0
-    stats.replaced_chars += replaced
-    if scheme == "jsonl":
-      docs = [_jsonl_text(line, path, i, d.jsonl_field) for i, line in enumerate(text.split("\n"))]
-      idx = [i for i, doc in enumerate(docs) if doc is not None]
-      docs = [docs[i] for i in idx]
-    else:
-      docs, idx = [text], [0]
-    u = _unit_hash(rel, np.asarray(idx, np.int64))
-    for doc, ui in zip(docs, u):
+    docs, idx, file_replaced = [], [], 0
+    for i, doc, replaced in _file_documents(scheme, path, d.jsonl_field):
+      file_replaced += replaced
       doc = doc[:budget] if budget < len(doc) else doc
       budget -= len(doc)
-      texts.append(doc)
-      hashes.append(ui)
-      rels.append(rel)
+      docs.append(doc)
+      idx.append(i)
       if budget <= 0:
         break
+    stats.replaced_files += file_replaced > 0
+    stats.replaced_chars += file_replaced
+    texts += docs
+    hashes += list(_unit_hash(rel, np.asarray(idx, np.int64)))
+    rels += [rel] * len(docs)
     if budget <= 0:
       break
   nonempty = [i for i, t in enumerate(texts) if t.strip()]
@@ -298,6 +322,145 @@ def _read_text_docs(scheme: str, arg: str, d, split: str) -> Documents:
   if not items:
     raise ValueError(f"data.source={d.source!r} has no non-empty {split} documents; add documents "
                      "or change data.valid_fraction")
+  return Documents(items, pretokenized=False, stats=stats)
+
+
+_INDEX_CHUNK = 1 << 22  # bytes read at a time by the streaming index pass
+_IS_SPACE = np.zeros(256, bool)
+_IS_SPACE[[9, 10, 11, 12, 13, 32]] = True  # the bytes of ASCII whitespace
+
+
+def _line_index(path: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """(start, end, line number) of every non-blank line of a file, end excluding its newline:
+  one streaming pass over the bytes (lines split at \\n, blank = ASCII whitespace only)."""
+  starts, ends, numbers = [], [], []
+  offset, line_no, line_start, line_has_text = 0, 0, 0, False
+  with fs.open(path, "rb") as f:
+    while chunk := f.read(_INDEX_CHUNK):
+      b = np.frombuffer(chunk, np.uint8)
+      nl = np.flatnonzero(b == 10)
+      text = np.concatenate([[0], np.cumsum(~_IS_SPACE[b], dtype=np.int64)])  # text[k]: in b[:k]
+      if len(nl):
+        local_start = np.concatenate([[0], nl[:-1] + 1])
+        has_text = text[nl] > text[local_start]
+        has_text[0] |= line_has_text
+        keep = np.flatnonzero(has_text)
+        line_starts = np.concatenate([[line_start], offset + nl[:-1] + 1])
+        starts.append(line_starts[keep])
+        ends.append(offset + nl[keep])
+        numbers.append(line_no + keep)
+        line_no += len(nl)
+        line_start = offset + int(nl[-1]) + 1
+        line_has_text = bool(text[-1] > text[nl[-1] + 1])
+      else:
+        line_has_text = line_has_text or bool(text[-1] > 0)
+      offset += len(b)
+  if line_has_text:  # the last line has no newline
+    starts.append([line_start])
+    ends.append([offset])
+    numbers.append([line_no])
+  cat = lambda xs: np.concatenate(xs).astype(np.int64) if xs else np.zeros(0, np.int64)
+  return cat(starts), cat(ends), cat(numbers)
+
+
+def _has_text(path: str) -> bool:
+  """Whether a file holds anything but ASCII whitespace (reads only until it finds some)."""
+  with fs.open(path, "rb") as f:
+    while chunk := f.read(1 << 20):
+      if chunk.strip():
+        return True
+  return False
+
+
+def _parallel_map(fn: Callable[[Any], Any], paths: list[Any]) -> list[Any]:
+  """fn over paths in threads (file reads, remote ones above all, wait on I/O), in order."""
+  if len(paths) < 2:
+    return [fn(p) for p in paths]
+  with concurrent.futures.ThreadPoolExecutor(min(16, len(paths))) as pool:
+    return list(pool.map(fn, paths))
+
+
+class _JsonlDocs(Sequence):
+  """JSONL documents read on access: item i is the text field of the line at bytes
+  [starts[i], ends[i]) of paths[files[i]] (invalid UTF-8 replaced; a bad line raises then)."""
+
+  def __init__(self, paths, files, starts, ends, numbers, field: str):
+    self._paths, self._field = list(paths), field
+    self._files, self._starts, self._ends, self._numbers = files, starts, ends, numbers
+    self._local = threading.local()
+
+  def __len__(self):
+    return len(self._starts)
+
+  def _read(self, path: str, start: int, size: int) -> bytes:
+    if not fs.is_remote(path):
+      with builtins.open(path, "rb") as f:
+        f.seek(start)
+        return f.read(size)
+    handles = self._local.__dict__.setdefault("handles", {})  # per thread: handles seek
+    if path not in handles:
+      if len(handles) >= 8:
+        handles.pop(next(iter(handles))).close()
+      handles[path] = fs.open(path, "rb")
+    f = handles[path]
+    f.seek(start)
+    return f.read(size)
+
+  def __getitem__(self, i):
+    path = self._paths[self._files[i]]
+    start, end = int(self._starts[i]), int(self._ends[i])
+    line, _ = _decode(self._read(path, start, end - start))
+    return _jsonl_text(line, path, int(self._numbers[i]), self._field)
+
+  def __getstate__(self):  # picklable for data worker processes; handles stay behind
+    state = dict(self.__dict__)
+    del state["_local"]
+    return state
+
+  def __setstate__(self, state):
+    self.__dict__.update(state, _local=threading.local())
+
+
+def _read_lazy_docs(scheme: str, files: list[tuple[str, str]], d, split: str) -> Documents:
+  """text / jsonl documents of `split` indexed by one streaming pass over each file (in
+  threads) and read on access, so memory holds offsets, not text. A JSONL line's text field is
+  parsed on access (each file's first record is checked here; a bad later line raises, naming
+  its file and line, when read), so records with empty text are kept (they tokenize to
+  BOS/EOS only) and
+  `empty_documents` counts blank text files; characters and replaced bytes are not counted.
+  A source of one non-empty document is read eagerly (it is cut into pieces)."""
+  paths = [p for p, _ in files]
+  stats = DataStats(source=d.source, split=split, num_chars=-1)
+  if scheme == "jsonl":
+    index = _parallel_map(_line_index, paths)
+    numbers = [n for _, _, n in index]
+    file_ids = np.concatenate([np.full(len(n), k, np.int32) for k, n in enumerate(numbers)])
+  else:
+    has_text = _parallel_map(_has_text, paths)
+    stats.empty_documents = has_text.count(False)
+    numbers = [np.zeros(int(h), np.int64) for h in has_text]
+    file_ids = np.flatnonzero(has_text).astype(np.int32)
+  total = len(file_ids)
+  if not total:
+    raise ValueError(f"data.source={d.source!r} has no non-empty documents; point it at real text")
+  if total == 1 and d.valid_fraction > 0:
+    return _read_eager_docs(scheme, files, d, split)
+  u = np.concatenate([_unit_hash(rel, n) for (_, rel), n in zip(files, numbers)])
+  keep = np.flatnonzero(_split_mask(u, d.valid_fraction, split))
+  if not len(keep):
+    raise ValueError(f"data.source={d.source!r} has no non-empty {split} documents; add documents "
+                     "or change data.valid_fraction")
+  if scheme == "jsonl":
+    starts, ends, numbers = (np.concatenate([x[k] for x in index]) for k in range(3))
+    every = _JsonlDocs(paths, file_ids, starts, ends, numbers, d.jsonl_field)
+    firsts = np.searchsorted(file_ids, np.unique(file_ids))
+    _parallel_map(lambda i: every[i], list(firsts))  # each file's first record: JSON, field
+    items = _JsonlDocs(paths, file_ids[keep], starts[keep], ends[keep], numbers[keep],
+                       d.jsonl_field)
+  else:
+    items = _LazyItems(paths, file_ids[keep], _read_text_file)
+    stats.num_bytes = int(sum(fs.getsize(paths[k]) for k in file_ids[keep]))
+  stats.num_documents = len(items)
   return Documents(items, pretokenized=False, stats=stats)
 
 
@@ -416,14 +579,19 @@ def load_documents(config, split: str = "train") -> Documents:
   return _read_text_docs(scheme, arg, d, split)
 
 
-def write_arrayrecord(path: str, documents: Sequence[Sequence[int]]) -> None:
-  """Writes pre-tokenized documents, one record each of raw little-endian int32 ids."""
+def write_arrayrecord(path: str, documents: Iterable[Sequence[int]]) -> int:
+  """Writes pre-tokenized documents, one record each of raw little-endian int32 ids, to a local
+  path or a URL (written locally, then uploaded); returns the number of records."""
   from array_record.python import array_record_module  # pylint: disable=g-import-not-at-top
 
-  writer = array_record_module.ArrayRecordWriter(path, "group_size:1")
-  for ids in documents:
-    writer.write(np.asarray(ids, dtype="<i4").tobytes())
-  writer.close()
+  count = 0
+  with fs.local_output(path) as local:
+    writer = array_record_module.ArrayRecordWriter(local, "group_size:1")
+    for ids in documents:
+      writer.write(np.asarray(ids, dtype="<i4").tobytes())
+      count += 1
+    writer.close()
+  return count
 
 
 # ----------------------------------------------------------------------------------- tokenizer
@@ -454,14 +622,14 @@ def load_tokenizer(config, workdir: str | None = None) -> Tokenizer:
     return None
   d, vocab_size = config.data, config.model.vocab_size
   if d.tokenizer:
-    tokenizer = Tokenizer.from_file(os.path.expanduser(d.tokenizer))
+    tokenizer = Tokenizer.from_file(fs.expand(d.tokenizer))
   else:
     wanted = d.tokenizer_vocab_size or vocab_size
     if wanted != vocab_size:
       raise ValueError(f"data.tokenizer_vocab_size={wanted} != model.vocab_size={vocab_size}; "
                        "make them equal (or set data.tokenizer_vocab_size=0)")
     path = os.path.join(workdir, TOKENIZER_FILE) if workdir else ""
-    if path and os.path.exists(path):
+    if path and fs.exists(path):
       tokenizer = Tokenizer.from_file(path)
     else:
       docs = load_documents(config, "train")
@@ -472,13 +640,10 @@ def load_tokenizer(config, workdir: str | None = None) -> Tokenizer:
       tokenizer = train_tokenizer((docs.items[i] for i in order), wanted,
                                   max_chars=d.tokenizer_train_chars, path=path)
       if path:
-        # Every host trains the same (deterministic) tokenizer; each writes its own temporary
-        # file and renames it atomically, so hosts sharing a workdir never collide.
-        os.makedirs(workdir, exist_ok=True)
-        tmp = f"{path}.tmp-{socket.gethostname()}-{os.getpid()}"
-        with open(tmp, "wb") as f:
-          f.write(tokenizer.model_proto)
-        os.replace(tmp, path)
+        # Every host trains the same (deterministic) tokenizer and writes it whole (fs.py: a
+        # per-host temporary file renamed, or one object upload), so hosts never collide.
+        fs.makedirs(workdir)
+        fs.write_bytes(path, tokenizer.model_proto)
   _check_vocab(tokenizer, vocab_size)
   return tokenizer
 

@@ -33,7 +33,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import jax
 import jax.numpy as jnp
 
-from dense_ssm import cli
+from dense_ssm import cli, fs
 
 
 def token_nll(logits_BxTxV: jax.Array, targets_BxT: jax.Array) -> jax.Array:
@@ -100,8 +100,8 @@ def run_data_config(workdir: str, step: int | None = None) -> dict[str, Any]:
 
   steps = export.checkpoint_steps(workdir)
   step = steps[-1] if step is None and steps else step
-  path = os.path.join(os.path.abspath(workdir), "checkpoints", str(step), "config")
-  if step is None or not os.path.isdir(path):
+  path = os.path.join(fs.abspath(workdir), "checkpoints", str(step), "config")
+  if step is None or not fs.isdir(path):
     return {}
   data = ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(path).get("data", {}) or {}
   return {k: data[k] for k in _RUN_DATA_KEYS if k in data}
@@ -262,7 +262,8 @@ def _check_flags(f) -> None:
 
 
 def _default_out(home: str, name: str) -> str:
-  directory = home if os.path.isdir(home) and os.access(home, os.W_OK) else os.getcwd()
+  writable = fs.is_remote(home) or os.path.isdir(home) and os.access(home, os.W_OK)
+  directory = home if writable else os.getcwd()
   return os.path.join(directory, name)
 
 
@@ -301,7 +302,7 @@ def run(f) -> dict[str, Any]:
   home = f.workdir or f.model
   if f.tokenizer:
     from dense_ssm.tokenizer import Tokenizer  # pylint: disable=g-import-not-at-top
-    pre.tokenizer = Tokenizer.from_file(os.path.expanduser(f.tokenizer))
+    pre.tokenizer = Tokenizer.from_file(fs.expand(f.tokenizer))
     export.check_tokenizer(pre.tokenizer, pre.cfg, f"--tokenizer={f.tokenizer}")
   out = {"data": None, "tasks": None}
   if f.data:
@@ -315,9 +316,8 @@ def run(f) -> dict[str, Any]:
                            data_overrides=overrides)
     ctx = f"_ctx{f.context}" if f.context else ""
     path = f.out or _default_out(home, f"eval_{_slug(f.data)}_{f.split}{ctx}.json")
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as fh:
-      json.dump(result, fh, indent=2)
+    fs.makedirs(os.path.dirname(fs.abspath(path)))
+    fs.write_text(path, json.dumps(result, indent=2))
     from dense_ssm import scoring  # pylint: disable=g-import-not-at-top
     print(f"{result['model']} ({result['family']}) on {f.data} [{f.split}]: {result['reading']}")
     print(scoring.format_table(result))

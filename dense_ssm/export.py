@@ -18,7 +18,8 @@ name the first mismatch.
 
 Writing never mixes old and new files: an export is written to a temporary sibling directory
 and swapped in whole. A non-empty OUT is refused unless `overwrite` (`--overwrite`); then the
-old directory is replaced only once the new one is complete.
+old directory is replaced only once the new one is complete. OUT, DIR and the directories read
+may be URLs (gs://..., dense_ssm/fs.py); `write_directory` says how an upload replaces OUT.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
-from dense_ssm import cli
+from dense_ssm import cli, fs
 from dense_ssm.models.config import FLOAT_DTYPES, ModelConfig
 
 FORMAT = "dense_ssm"
@@ -146,11 +147,12 @@ def _exchange(a: str, b: str) -> bool:
 
 
 def check_out_dir(out: str, overwrite: bool) -> str:
-  """The absolute `out`; raises unless it is absent, an empty directory, or `overwrite`."""
-  out = os.path.abspath(os.path.expanduser(out))
-  if os.path.exists(out) and not os.path.isdir(out):
+  """The absolute `out` (or URL); raises unless it is absent, an empty directory, or
+  `overwrite`."""
+  out = fs.abspath(out)
+  if fs.exists(out) and not fs.isdir(out):
     raise FileExistsError(f"--out={out} is a file, not a directory; choose a directory path.")
-  if os.path.isdir(out) and os.listdir(out) and not overwrite:
+  if fs.isdir(out) and fs.listdir(out) and not overwrite:
     raise FileExistsError(f"--out={out} is not empty; pass --overwrite (overwrite=True) to "
                           "replace it once the new export is complete, or choose another "
                           "directory.")
@@ -160,7 +162,8 @@ def check_out_dir(out: str, overwrite: bool) -> str:
 def check_not_inside(out: str, source: str, label: str, *, allow_inside: bool = False) -> None:
   """Refuses an `out` that is `source`, contains it, or (unless `allow_inside`) lies inside it:
   replacing `out` would delete the input or mix the export with it."""
-  o, s = os.path.realpath(out), os.path.realpath(source)
+  real = lambda p: fs.abspath(p) if fs.is_remote(p) else os.path.realpath(p)
+  o, s = real(out), real(source)
   inside = o.startswith(s + os.sep) and not allow_inside
   if o == s or s.startswith(o + os.sep) or inside:
     where = "is the same as" if o == s else "contains" if s.startswith(o + os.sep) else "is inside"
@@ -171,8 +174,21 @@ def check_not_inside(out: str, source: str, label: str, *, allow_inside: bool = 
 def write_directory(out: str, write: Callable[[str], Any], *, overwrite: bool = False) -> str:
   """Runs `write(tmp)` on a new temporary sibling of `out`, then swaps it in: a crash leaves
   the old or the new directory, never a mix (the old one is deleted after the swap). Refuses a
-  non-empty `out` unless `overwrite`. Returns `out`."""
+  non-empty `out` unless `overwrite`. Returns `out`. A URL `out` (gs://...; object stores
+  have no rename) is written to a local temporary directory and uploaded file by file, config.json
+  last, after deleting the old `out` when `overwrite`: an interrupted upload leaves a directory
+  without config.json, which loaders refuse."""
   out = check_out_dir(out, overwrite)
+  if fs.is_remote(out):
+    tmp = tempfile.mkdtemp(prefix="dense_ssm_export_")
+    try:
+      write(tmp)
+      check_out_dir(out, overwrite)
+      fs.rmtree(out)
+      fs.copy_tree(tmp, out, last=(CONFIG_FILE,))
+      return out
+    finally:
+      shutil.rmtree(tmp, ignore_errors=True)
   if os.path.islink(out):
     out = os.path.realpath(out)  # replace the directory it points to, keep the link
   parent, name = os.path.split(out)
@@ -248,14 +264,14 @@ def write_export(pre: Pretrained, out: str, *, dtype: str | None = None,
 
 def read_export_config(directory: str) -> dict[str, Any]:
   path = os.path.join(directory, CONFIG_FILE)
-  if not os.path.isdir(directory):
+  if not fs.isdir(directory):
     raise FileNotFoundError(f"export directory {directory!r} does not exist; create one with "
                             "`python -m dense_ssm.export --workdir=DIR --out=OUT`.")
-  if not os.path.exists(path):
+  if not fs.exists(path):
     raise FileNotFoundError(f"{directory!r} has no {CONFIG_FILE}: not an export directory (a "
                             "training run? pass it as --workdir).")
   try:
-    with open(path, encoding="utf-8") as f:
+    with fs.open(path) as f:
       meta = json.load(f)
   except (UnicodeDecodeError, json.JSONDecodeError) as e:
     raise ValueError(f"{path} is not valid JSON ({e}); export the model again.") from None
@@ -271,6 +287,7 @@ def load_pretrained(directory: str, *, dtype: str | None = None) -> Pretrained:
 
   `dtype` overrides the compute dtype (e.g. "bfloat16" on accelerators).
   """
+  from safetensors import numpy as safetensors_numpy  # pylint: disable=g-import-not-at-top
   from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
 
   meta = read_export_config(directory)
@@ -286,10 +303,11 @@ def load_pretrained(directory: str, *, dtype: str | None = None) -> Pretrained:
     check_dtype(dtype)
     cfg = dataclasses.replace(cfg, dtype=dtype)
   params_path = os.path.join(directory, PARAMS_FILE)
-  if not os.path.exists(params_path):
+  if not fs.exists(params_path):
     raise FileNotFoundError(f"{directory!r} has no {PARAMS_FILE}; export it again.")
   try:
-    flat = load_file(params_path)
+    flat = load_file(params_path) if not fs.is_remote(params_path) else \
+        safetensors_numpy.load(fs.read_bytes(params_path))
   except PermissionError:
     raise
   except Exception as e:  # pylint: disable=broad-except  # safetensors' own error type
@@ -343,20 +361,20 @@ def check_architecture(meta: Mapping[str, Any], cfg: ModelConfig, path: str) -> 
 def checkpoint_steps(workdir: str) -> list[int]:
   """Finished checkpoint steps of a training run (Orbax renames a step directory when done)."""
   root = os.path.join(workdir, "checkpoints")
-  if not os.path.isdir(root):
+  if not fs.isdir(root):
     return []
-  return sorted(int(d) for d in os.listdir(root)
-                if d.isdigit() and os.path.isdir(os.path.join(root, d, "state")))
+  return sorted(int(d) for d in fs.listdir(root)
+                if d.isdigit() and fs.isdir(os.path.join(root, d, "state")))
 
 
 def _step_numbers(workdir: str) -> list[int]:
   """Every checkpoint step directory, intact or not (finished steps only: Orbax names a step
   directory once it is complete)."""
   root = os.path.join(workdir, "checkpoints")
-  if not os.path.isdir(root):
+  if not fs.isdir(root):
     return []
-  return sorted(int(d) for d in os.listdir(root)
-                if d.isdigit() and os.path.isdir(os.path.join(root, d)))
+  return sorted(int(d) for d in fs.listdir(root)
+                if d.isdigit() and fs.isdir(os.path.join(root, d)))
 
 
 def load_workdir(workdir: str, step: int | None = None, *,
@@ -397,8 +415,8 @@ def _skip_damaged(workdir: str, error) -> None:
   """One warning line; the step is set aside unless a training run holds the workdir."""
   from dense_ssm import checkpoint, workdir_lock  # pylint: disable=g-import-not-at-top
 
-  step_dir = os.path.join(os.path.abspath(workdir), "checkpoints", str(error.step))
-  holder = workdir_lock.holder(os.path.abspath(workdir))
+  step_dir = os.path.join(fs.abspath(workdir), "checkpoints", str(error.step))
+  holder = workdir_lock.holder(fs.abspath(workdir))
   if holder is not None:
     where = f"left in place while {workdir_lock.describe(holder)} trains in this workdir"
   else:
@@ -430,7 +448,7 @@ def _load_step(workdir: str, step: int, dtype: str | None) -> Pretrained:
 
   from dense_ssm import checkpoint  # pylint: disable=g-import-not-at-top
 
-  ckpt = os.path.join(os.path.abspath(workdir), "checkpoints", str(step))
+  ckpt = os.path.join(fs.abspath(workdir), "checkpoints", str(step))
   checkpoint.check_intact(ckpt, ("state", "config"))
   config = _guarded(step, ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore,
                     os.path.join(ckpt, "config"))
@@ -455,10 +473,9 @@ def _load_step(workdir: str, step: int, dtype: str | None) -> Pretrained:
   if dtype:
     cfg = dataclasses.replace(cfg, dtype=dtype)
   data = config.get("data", {})
-  tok_path = os.path.expanduser(data.get("tokenizer") or "") or os.path.join(workdir,
-                                                                            TOKENIZER_FILE)
+  tok_path = fs.expand(data.get("tokenizer") or "") or os.path.join(workdir, TOKENIZER_FILE)
   tokenizer, ids = None, {}
-  if os.path.exists(tok_path):
+  if fs.exists(tok_path):
     from dense_ssm.tokenizer import Tokenizer  # pylint: disable=g-import-not-at-top
     tokenizer = Tokenizer.from_file(tok_path)
     check_tokenizer(tokenizer, cfg, workdir)
@@ -469,9 +486,9 @@ def _load_step(workdir: str, step: int, dtype: str | None) -> Pretrained:
 
 def load_any(path: str, *, dtype: str | None = None) -> Pretrained:
   """An export directory (has config.json) or a training workdir (has checkpoints/)."""
-  if os.path.exists(os.path.join(path, CONFIG_FILE)):
+  if fs.exists(os.path.join(path, CONFIG_FILE)):
     return load_pretrained(path, dtype=dtype)
-  if os.path.isdir(os.path.join(path, "checkpoints")):
+  if fs.isdir(os.path.join(path, "checkpoints")):
     return load_workdir(path, dtype=dtype)
   raise FileNotFoundError(f"{path!r} is neither an export directory (no {CONFIG_FILE}) nor a "
                           "training workdir (no checkpoints/); check the path.")
@@ -552,34 +569,39 @@ def quiet_logs() -> None:
   logging.set_verbosity(logging.ERROR)
 
 
-def main(argv=None) -> int:
-  import argparse  # pylint: disable=g-import-not-at-top
+def _define_flags(fv) -> None:
+  from absl import flags  # pylint: disable=g-import-not-at-top
 
-  p = argparse.ArgumentParser(prog="python -m dense_ssm.export", description=__doc__.split(
-      "\n")[0])
-  p.add_argument("--workdir", required=True, help="training run directory (Orbax checkpoints)")
-  p.add_argument("--out", required=True, help="export directory to write")
-  p.add_argument("--overwrite", action="store_true",
-                 help="replace a non-empty --out (swapped in once the new export is complete)")
-  p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
-  p.add_argument("--dtype", default=None, help="cast params, e.g. bfloat16 (default: as saved)")
-  p.add_argument("--format", default=FORMAT, choices=[FORMAT, "hf"],
-                 help="dense_ssm: this package's export; hf: transformers MambaForCausalLM "
-                 "(plain Mamba) or the original DenseRetNet code's layout (dense_ssm/hf_format.py)")
-  p.add_argument("--serving", action="store_true",
-                 help="also write serving/: jax.export artifacts and a jax+numpy loader")
-  p.add_argument("--serving_batch", type=int, default=0,
-                 help="batch size of the artifacts (0: any batch size)")
-  p.add_argument("--serving_prompt_len", type=int, default=128,
-                 help="prompt length of the artifacts (shorter prompts are left-padded)")
-  p.add_argument("--serving_new_tokens", type=int, default=64,
-                 help="tokens generated by the serialized generation")
-  p.add_argument("--serving_platforms", default="cpu,cuda,tpu",
-                 help="comma-separated platforms the artifacts run on ('': this machine's)")
-  cli.add_traceback_flag(p)
-  a = p.parse_args(argv)
+  d = dict(flag_values=fv)
+  flags.DEFINE_string("workdir", None, "Training run directory (Orbax checkpoints).", **d)
+  flags.DEFINE_string("out", None, "Export directory to write.", **d)
+  flags.DEFINE_bool("overwrite", False, "Replace a non-empty --out (swapped in once the new "
+                    "export is complete).", **d)
+  flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).", **d)
+  flags.DEFINE_string("dtype", None, "Cast params, e.g. bfloat16 (default: as saved).", **d)
+  flags.DEFINE_enum("format", FORMAT, [FORMAT, "hf"], "dense_ssm: this package's export; hf: "
+                    "transformers MambaForCausalLM (plain Mamba) or the original DenseRetNet "
+                    "code's layout (dense_ssm/hf_format.py).", **d)
+  flags.DEFINE_bool("serving", False, "Also write serving/: jax.export artifacts and a "
+                    "jax+numpy loader.", **d)
+  flags.DEFINE_integer("serving_batch", 0, "Batch size of the artifacts (0: any batch size).",
+                       **d)
+  flags.DEFINE_integer("serving_prompt_len", 128, "Prompt length of the artifacts (shorter "
+                       "prompts are left-padded).", **d)
+  flags.DEFINE_integer("serving_new_tokens", 64, "Tokens generated by the serialized "
+                       "generation.", **d)
+  flags.DEFINE_string("serving_platforms", "cpu,cuda,tpu", "Comma-separated platforms the "
+                      "artifacts run on ('': this machine's).", **d)
+  flags.DEFINE_bool("traceback", False, "Show tracebacks of errors.", **d)
+  flags.mark_flags_as_required(["workdir", "out"], flag_values=fv)
+
+
+def main(argv=None) -> int:
+  a, rest = cli.parse_flags("dense_ssm.export", __doc__.split("\n\n")[0], _define_flags, argv)
   quiet_logs()
   with cli.user_errors("dense_ssm.export", a.traceback):
+    if rest:
+      raise ValueError(f"unexpected arguments {rest}; flags are --name=value.")
     if a.format == "hf" and a.serving:
       raise ValueError("--serving writes artifacts of a dense_ssm export; drop --serving or use "
                        "--format=dense_ssm.")

@@ -27,7 +27,10 @@ known to be 0 when the loop is built; the exported artifact keeps a traced choic
 
 Streaming prints the text of each finished block: the host is involved once per block, not once
 per token (a `jax.debug.callback` per token would synchronise the device with the host at every
-step and serialise the loop). Without streaming, one block covers all tokens.
+step and serialise the loop). Blocks start at `block_size` steps and double while one takes
+under STREAM_BLOCK_SECONDS (a block's length is a traced bound, so this compiles once), and
+the text is detokenized incrementally (`tokenizer.IncrementalDecoder`): streaming costs about
+what generating without it does. Without streaming, one block covers all tokens.
 
 Sampling (`temperature`, `top_k`, `top_p`) is traced from runtime scalars: changing them does
 not recompile (switching between greedy, temperature 0, and sampling compiles each once).
@@ -39,6 +42,7 @@ import functools
 import math
 import os
 import sys
+import time
 import types
 from typing import Callable, Sequence
 
@@ -46,11 +50,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dense_ssm import cli
+from dense_ssm import cli, fs
 from dense_ssm.models import build_model, init_cache
 from dense_ssm.models.config import ModelConfig
 
 DEFAULT_STREAM_BLOCK = 8
+STREAM_BLOCK_SECONDS = 0.1  # streaming: a decode block that runs faster doubles the next one
+MAX_STREAM_BLOCK = 1024  # ... up to this many steps
 SYNC_EVERY = 16  # decode steps per device-side group between early-stop checks
 
 
@@ -133,15 +139,21 @@ def start(cfg: ModelConfig, params, tokens_BxT, segment_ids_BxT, key, temperatur
           "key": key, "sampling": sampling, "eos": eos}
 
 
-def decode_block(cfg: ModelConfig, params, carry, *, steps: int, pad_id: int,
+def decode_block(cfg: ModelConfig, params, carry, limit=None, *, steps: int, pad_id: int,
                  greedy: bool | None = None, sync_every: int = SYNC_EVERY):
-  """`steps` decode steps (static), in groups of `sync_every`; stops after the first group that
-  ends with every row done. Returns (carry, tokens [B, steps] (pad_id past a row's EOS and past
-  the end), n_new: the steps run, a multiple of the group size or `steps`)."""
+  """Up to `steps` decode steps (static: the output's width), in groups of `sync_every`; stops
+  after the first group that ends with every row done, or once `limit` steps have run (a
+  traced int <= steps, so that one compilation serves blocks of any size; None: `steps`).
+  Returns (carry, tokens [B, steps] (pad_id past a row's EOS and past the end), n_new: the
+  steps run, a multiple of the group size or `limit`)."""
   model = build_model(cfg)
   b = carry["token"].shape[0]
   group = max(1, min(sync_every, steps))
-  n_groups, rest = divmod(steps, group)
+  if limit is None:  # static: full groups, then a rest of known length
+    n_groups, rest = divmod(steps, group)
+  else:
+    limit = jnp.clip(jnp.asarray(limit, jnp.int32), 0, steps)
+    n_groups, rest = limit // group, limit % group
 
   def step(i, state):
     c, out_BxN = state
@@ -170,10 +182,10 @@ def decode_block(cfg: ModelConfig, params, carry, *, steps: int, pad_id: int,
   out = jnp.full((b, steps), pad_id, jnp.int32)
   g, carry, out = jax.lax.while_loop(cond, body, (jnp.zeros((), jnp.int32), carry, out))
   n = g * group
-  if rest:
-    skip = jnp.all(carry["done"])
+  if limit is not None or rest:  # the rest runs only when no row is done, so g == n_groups
+    skip = jnp.all(carry["done"]) | (rest == 0)
     carry, out = jax.lax.cond(skip, lambda c, o: (c, o),
-                              lambda c, o: run_group(n_groups, c, o, rest), carry, out)
+                              lambda c, o: run_group(g, c, o, rest), carry, out)
     n = jnp.where(skip, n, n + rest)
   return carry, out, n
 
@@ -211,13 +223,16 @@ def generate_ids(cfg: ModelConfig, params, prompts: Sequence[Sequence[int]], *,
                  max_new_tokens: int = 64, temperature: float = 0.0, top_k: int = 0,
                  top_p: float = 1.0, seed: int = 0, eos_id: int = 2, pad_id: int = 0,
                  stop_at_eos: bool = True, block_size: int | None = None,
-                 on_block: Callable[[list[list[int]]], None] | None = None) -> list[list[int]]:
+                 on_block: Callable[[list[list[int]]], None] | None = None,
+                 block_seconds: float | None = None) -> list[list[int]]:
   """Generates from token-id prompts; returns each row's new ids (EOS included, nothing after).
 
   Without `on_block`, one jitted call does everything. With it (streaming), `on_block(ids per
   row so far)` is called after the first token and after each block of `block_size` (default 8)
   decode steps. It gets one read-only sequence per row, the ids made so far (a view, not a
-  copy: the cost of a call does not grow with the ids).
+  copy: the cost of a call does not grow with the ids). With `block_seconds`, a block that ran
+  in less time doubles the next one, up to MAX_STREAM_BLOCK steps, so that a fast model is not
+  slowed by a host round trip every few tokens; one compilation serves every block size.
   """
   _check_sampling(max_new_tokens, temperature, top_k, top_p)
   cfg = inference_config(cfg)
@@ -240,10 +255,16 @@ def generate_ids(cfg: ModelConfig, params, prompts: Sequence[Sequence[int]], *,
   on_block([IdsSoFar(o) for o in outs])
   done = np.asarray(carry["done"])
   remaining = max_new_tokens - 1
+  width = block_size if block_seconds is None else max(block_size, MAX_STREAM_BLOCK)
+  width = max(1, min(width, remaining))  # the blocks' static output width
+  size = block_size
   while remaining > 0 and not done.all():
-    carry, new, n = block_fn(params, carry, steps=min(block_size, remaining))
+    t0 = time.perf_counter()
+    carry, new, n = block_fn(params, carry, min(size, remaining), steps=width)
     n = int(n)
     new = np.asarray(new)[:, :n]
+    if block_seconds is not None and time.perf_counter() - t0 < block_seconds:
+      size = min(2 * size, width)
     for row, was_done in enumerate(done):
       if not was_done:
         outs[row].extend(int(t) for t in new[row])
@@ -374,7 +395,8 @@ def generate(source, prompts: str | Sequence[str], *, max_new_tokens: int = 64,
   out = generate_ids(pre.cfg, pre.params, ids, max_new_tokens=max_new_tokens,
                      temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
                      eos_id=pre.eos_id, pad_id=pre.pad_id, stop_at_eos=stop_at_eos,
-                     block_size=block_size, on_block=on_block)
+                     block_size=block_size, on_block=on_block,
+                     block_seconds=STREAM_BLOCK_SECONDS if on_block is not None else None)
   if on_block is not None:
     on_block.finish(out)
   decoded = [_text(pre.tokenizer, o, pre.eos_id) for o in out]
@@ -392,16 +414,16 @@ def _print_deltas(deltas: list[str]) -> None:
 
 def _read_prompt_file(path: str) -> list[str]:
   """Non-blank lines of a UTF-8 file ('-': stdin), with \\n turned into newlines."""
-  if path != "-" and os.path.isdir(path):
+  if path != "-" and fs.isdir(path):
     raise ValueError(f"--prompt_file={path} is a directory; give a text file with one prompt "
                      "per line.")
-  if path != "-" and not os.path.exists(path):
+  if path != "-" and not fs.exists(path):
     raise FileNotFoundError(f"--prompt_file={path} does not exist; fix the path.")
   try:
     if path == "-":
       lines = list(sys.stdin)
     else:
-      with open(path, encoding="utf-8") as f:
+      with fs.open(path) as f:
         lines = list(f)
   except UnicodeDecodeError as e:
     raise ValueError(f"--prompt_file={path} is not UTF-8 text (byte {e.start}); give a text "
@@ -409,34 +431,42 @@ def _read_prompt_file(path: str) -> list[str]:
   return [line.rstrip("\n").replace("\\n", "\n") for line in lines if line.strip()]
 
 
-def main(argv=None) -> int:
-  import argparse  # pylint: disable=g-import-not-at-top
-  import time  # pylint: disable=g-import-not-at-top
+def _define_flags(fv) -> None:
+  from absl import flags  # pylint: disable=g-import-not-at-top
 
-  p = argparse.ArgumentParser(prog="python -m dense_ssm.generate",
-                              description="Generate text from a training run or an export.")
-  src = p.add_mutually_exclusive_group(required=True)
-  src.add_argument("--workdir", help="training run directory (latest checkpoint)")
-  src.add_argument("--model", help="export directory (python -m dense_ssm.export)")
-  p.add_argument("--step", type=int, default=None, help="checkpoint step of --workdir")
-  p.add_argument("--prompt", action="append", default=[],
-                 help="prompt text (repeat for a batch); \\n is a newline")
-  p.add_argument("--prompt_file", help="file of prompts, one per line ('-': stdin)")
-  p.add_argument("--max_new_tokens", type=int, default=64)
-  p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-  p.add_argument("--top_k", type=int, default=0, help="0 = off")
-  p.add_argument("--top_p", type=float, default=1.0, help="1 = off")
-  p.add_argument("--seed", type=int, default=0)
-  p.add_argument("--ignore_eos", action="store_true", help="always make max_new_tokens tokens")
-  p.add_argument("--no_stream", action="store_true", help="print only when finished")
-  p.add_argument("--block_size", type=int, default=DEFAULT_STREAM_BLOCK,
-                 help="tokens per jitted decode block when streaming")
-  p.add_argument("--dtype", default=None, help="compute dtype override, e.g. bfloat16")
-  cli.add_traceback_flag(p)
-  a = p.parse_args(argv)
+  d = dict(flag_values=fv)
+  flags.DEFINE_string("workdir", None, "Training run directory (its latest checkpoint, or "
+                      "--step); give this or --model.", **d)
+  flags.DEFINE_string("model", None, "Export directory (python -m dense_ssm.export or "
+                      "dense_ssm.convert); give this or --workdir.", **d)
+  flags.DEFINE_integer("step", None, "Checkpoint step of --workdir.", **d)
+  flags.DEFINE_multi_string("prompt", [], "Prompt text (repeat for a batch); \\n is a newline.",
+                            **d)
+  flags.DEFINE_string("prompt_file", None, "File of prompts, one per line ('-': stdin).", **d)
+  flags.DEFINE_integer("max_new_tokens", 64, "Tokens to generate per prompt.", **d)
+  flags.DEFINE_float("temperature", 0.0, "Sampling temperature; 0 = greedy.", **d)
+  flags.DEFINE_integer("top_k", 0, "Sample from the k most likely tokens; 0 = off.", **d)
+  flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass; 1 = off.", **d)
+  flags.DEFINE_integer("seed", 0, "Sampling seed.", **d)
+  flags.DEFINE_bool("ignore_eos", False, "Always make max_new_tokens tokens.", **d)
+  flags.DEFINE_bool("no_stream", False, "Print only when finished.", **d)
+  flags.DEFINE_integer("block_size", DEFAULT_STREAM_BLOCK, "Tokens of the first jitted decode "
+                       f"blocks when streaming; a block faster than {STREAM_BLOCK_SECONDS} s "
+                       f"doubles the next, up to {MAX_STREAM_BLOCK}.", **d)
+  flags.DEFINE_string("dtype", None, "Compute dtype override, e.g. bfloat16.", **d)
+  flags.DEFINE_bool("traceback", False, "Show tracebacks of errors.", **d)
+
+
+def main(argv=None) -> int:
+  a, rest = cli.parse_flags("dense_ssm.generate", __doc__.split("\n\nFrom Python")[0],
+                            _define_flags, argv)
   from dense_ssm import export  # pylint: disable=g-import-not-at-top
   export.quiet_logs()
   with cli.user_errors("dense_ssm.generate", a.traceback):
+    if rest:
+      raise ValueError(f"unexpected arguments {rest}; flags are --name=value.")
+    if bool(a.workdir) == bool(a.model):
+      raise ValueError("give exactly one of --model=EXPORT_DIR and --workdir=DIR.")
     prompts = [s.replace("\\n", "\n") for s in a.prompt]
     if a.prompt_file:
       prompts += _read_prompt_file(a.prompt_file)

@@ -13,7 +13,7 @@ Writing (`python -m dense_ssm.export --format=hf`, or `save_hf`):
 
 Names and layouts come from the converters' tables (dense_ssm/convert.py), read in the other
 direction; `python -m dense_ssm.convert retnet|mamba-hf` reads these directories back.
-tokenizer.model is copied when the model has one.
+The tokenizer file (tokenizer.model or tokenizer.json) is copied when the model has one.
 
 Reading (`load_any_format`): a dense_ssm export, a transformers Mamba directory or an original
 DenseRetNet directory, told apart by config.json; used by `config.train.init_from`.
@@ -29,9 +29,9 @@ import numpy as np
 
 from dense_ssm.models.config import ModelConfig
 
-SUPPORTED = ("--format=hf supports plain Mamba (family=mamba, dense.layers=0; written as "
-             "transformers MambaForCausalLM) and DenseRetNet (family=dense_retnet, "
-             "dense.layers>=1; written in the original code's layout)")
+SUPPORTED = ("plain Mamba (family=mamba, dense.layers=0; written as transformers "
+             "MambaForCausalLM) and DenseRetNet (family=dense_retnet, dense.layers>=1; written "
+             "in the original code's layout)")
 
 # Fields that decide what the weights compute, per family (plus COMMON and, when the dense
 # connection is on, every dense.* field). Fields a family does not read are left out, so that
@@ -84,8 +84,8 @@ def kind_of(cfg: ModelConfig) -> str:
                        "sources (every=1, gates=shared); use --format=dense_ssm.")
     return "retnet"
   what = f"family={cfg.family}, dense.layers={cfg.dense.layers}"
-  raise ValueError(f"cannot export {what} with --format=hf: {SUPPORTED}; use --format=dense_ssm "
-                   "for every model.")
+  raise ValueError(f"--format=hf cannot write {what}: it supports {SUPPORTED}; use "
+                   "--format=dense_ssm for this model.")
 
 
 def mamba_hf_config(pre, dtype: str) -> dict[str, Any]:
@@ -168,8 +168,8 @@ def write_hf(pre, out: str, *, dtype: str | None = None, where: str | None = Non
   with open(os.path.join(out, "config.json"), "w") as f:
     json.dump(meta, f, indent=2)
   if pre.tokenizer is not None:
-    with open(os.path.join(out, export.TOKENIZER_FILE), "wb") as f:
-      f.write(pre.tokenizer.model_proto)
+    with open(os.path.join(out, pre.tokenizer.file_name), "wb") as f:
+      f.write(pre.tokenizer.to_bytes())
   return out
 
 

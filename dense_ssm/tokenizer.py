@@ -37,6 +37,8 @@ import os
 import re
 from typing import Iterable, Iterator, Sequence
 
+from dense_ssm import fs
+
 UNK_ID, BOS_ID, EOS_ID = 0, 1, 2
 PAD_ID = 0
 SP_FILE, HF_FILE = "tokenizer.model", "tokenizer.json"
@@ -129,13 +131,12 @@ class Tokenizer:
 
 def load_file(path: str) -> "Tokenizer | HFTokenizer":
   """Reads a SentencePiece .model or a Hugging Face tokenizer.json (told apart by content: a
-  JSON object is the latter)."""
-  if os.path.isdir(path):
+  JSON object is the latter). `path` may be a URL (gs://..., dense_ssm/fs.py)."""
+  if fs.isdir(path):
     raise ValueError(f"tokenizer file {path!r} is a directory; give the tokenizer file itself "
                      f"(e.g. {os.path.join(path, SP_FILE)!r} or {os.path.join(path, HF_FILE)!r})")
   try:
-    with open(path, "rb") as f:
-      data = f.read()
+    data = fs.read_bytes(path)
   except FileNotFoundError:
     raise FileNotFoundError(
         f"tokenizer file {path!r} does not exist; fix data.tokenizer or set it to '' to "
@@ -149,7 +150,7 @@ def find_file(directory: str) -> str | None:
   """The tokenizer file of an export or checkpoint directory (FILE_NAMES, first found)."""
   for name in FILE_NAMES:
     path = os.path.join(directory, name)
-    if os.path.isfile(path):
+    if fs.isfile(path):
       return path
   return None
 

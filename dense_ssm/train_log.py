@@ -102,24 +102,46 @@ def cost_flops(compiled: Any) -> float | None:
 
 
 class JsonlWriter:
-  """Appends {"step": s, **scalars} lines to a file."""
+  """Appends {"step": s, **scalars} lines to a file. An object store (a gs:// workdir) cannot
+  append: there the file (with the lines it already had) is rewritten whole, at most every
+  `rewrite_secs` and at close."""
 
-  def __init__(self, path: str):
-    self._f = open(path, "a", encoding="utf-8")
+  def __init__(self, path: str, rewrite_secs: float = 60.0):
+    from dense_ssm import fs  # pylint: disable=g-import-not-at-top
+
+    self._fs, self._path, self._rewrite_secs = fs, path, rewrite_secs
+    self._remote = fs.is_remote(path)
+    if self._remote:
+      self._lines = [fs.read_text(path)] if fs.exists(path) else []
+      self._written, self._dirty = time.monotonic(), False
+    else:
+      self._f = open(path, "a", encoding="utf-8")
 
   def write_scalars(self, step: int, scalars: Mapping[str, Any]):
     row = {"step": int(step), **{k: float(v) for k, v in scalars.items()}}
-    self._f.write(json.dumps(row) + "\n")
-    self._f.flush()
+    if not self._remote:
+      self._f.write(json.dumps(row) + "\n")
+      self._f.flush()
+      return
+    self._lines.append(json.dumps(row) + "\n")
+    self._dirty = True
+    self.flush(force=False)
 
   def write_hparams(self, hparams: Mapping[str, Any]):
     pass
 
-  def flush(self):
-    self._f.flush()
+  def flush(self, force: bool = True):
+    if not self._remote:
+      self._f.flush()
+    elif self._dirty and (force or time.monotonic() - self._written >= self._rewrite_secs):
+      self._fs.write_text(self._path, "".join(self._lines))
+      self._written, self._dirty = time.monotonic(), False
 
   def close(self):
-    self._f.close()
+    if self._remote:
+      self.flush()
+    else:
+      self._f.close()
 
 
 class TensorBoardWriter:
@@ -199,12 +221,11 @@ class MultiWriter:
 
 def make_writer(workdir: str) -> MultiWriter:
   """Console (absl INFO) on every process; on process 0 also TensorBoard (workdir/tensorboard)
-  and, for local workdirs, metrics.jsonl (object stores cannot append)."""
+  and metrics.jsonl (`JsonlWriter`: rewritten whole on object stores, which cannot append)."""
   writers = [LoggingWriter()]
   if jax.process_index() == 0:
     writers.append(TensorBoardWriter(os.path.join(workdir, "tensorboard")))
-    if "://" not in workdir:
-      writers.append(JsonlWriter(os.path.join(workdir, "metrics.jsonl")))
+    writers.append(JsonlWriter(os.path.join(workdir, "metrics.jsonl")))
   return MultiWriter(writers)
 
 

@@ -75,15 +75,24 @@ def test_bare_name_prints_config_outside_the_repository(tmp_path):
 
 
 def test_run_writes_config_py_that_reproduces_the_saved_config(tmp_path):
-  """The issue's check: --config=WORKDIR/config.py gives the run's saved (resolved) config."""
+  """The issue's check: --config=WORKDIR/config.py gives the config the run saved with its
+  checkpoint. The run is the trainer's own setup and save (no train-step compile, for speed)."""
+  from dense_ssm import train  # pylint: disable=g-import-not-at-top
   work = str(tmp_path / "run")
-  extra = {**train_testlib.TINY, "train.steps": 2, "train.checkpoint_every": 2}
-  r = train_testlib.run_cli(work, extra, flags=["--config.train.lr=0.002"], env=ENV)
-  assert r.returncode == 0, r.stderr
-  saved_dir = os.path.join(work, "checkpoints", "2", "config")
-  saved = json.loads(open(os.path.join(saved_dir, os.listdir(saved_dir)[0])).read())
+  config = train_testlib.tiny_config(train__lr=0.002, data__source="")  # "" resolves to stdlib
+  trainer = train.Trainer(config, work)
+  try:
+    trainer.load_data()
+    trainer.restore_or_init()
+    trainer.save(0, force=True)
+  finally:
+    trainer.close()
+  saved_dir = os.path.join(work, "checkpoints", "0", "config")
+  saved_file = os.path.join(saved_dir, os.listdir(saved_dir)[0])
+  saved = json.loads(open(saved_file).read())
+  assert saved["train"]["lr"] == 0.002 and saved["data"]["source"] == "stdlib"
   written = os.path.join(work, "config.py")
-  assert _load(written).to_dict() == saved and saved["train"]["lr"] == 0.002
+  assert _load(written).to_dict() == saved
   r = _train(f"--config={written}", "--print_config")  # what a run from it would use
   assert r.returncode == 0, r.stderr
   body = lambda text: text.split('"""', 2)[2]  # the docstring names the file's own path
@@ -91,5 +100,5 @@ def test_run_writes_config_py_that_reproduces_the_saved_config(tmp_path):
   (tmp_path / "printed.py").write_text(r.stdout)
   assert _load(str(tmp_path / "printed.py")).to_dict() == saved
   # The checkpoint's JSON copy is not a config file: one line naming the file to use.
-  r = _train(f"--config={os.path.join(saved_dir, os.listdir(saved_dir)[0])}", "--print_config")
+  r = _train(f"--config={saved_file}", "--print_config")
   assert r.returncode == 1 and "use WORKDIR/config.py" in r.stderr, r.stderr

@@ -212,7 +212,7 @@ def test_text_and_jsonl_sources(tmp_path):
     train, valid = data.load_documents(c, "train"), data.load_documents(c, "valid")
     assert train.stats.num_documents + valid.stats.num_documents == len(CORPUS)
     assert valid.stats.num_documents >= 1 and set(train.items).isdisjoint(valid.items)
-    assert sorted(train.items + valid.items) == sorted(CORPUS)
+    assert sorted(list(train.items) + list(valid.items)) == sorted(CORPUS)  # lazy sequences
     batch = next(data.make_train_iterator(c, tok, seed=0, process_index=0, process_count=1))
     assert batch["inputs"].shape == (4, SEQ_LEN)
     piece = tok.decode(batch["inputs"][0][batch["segment_ids"][0] == 2][1:])
@@ -309,12 +309,15 @@ def test_non_utf8_is_counted_not_fatal(tmp_path):
   source = write_text_files(root, CORPUS[:3])
   (root / "bad.txt").write_bytes(b"caf\xe9 and \xff\xfe bytes, plus a real \xef\xbf\xbd\n")
   (root / "empty.txt").write_text(" \n")
-  c = make_config(source, valid_fraction=0.0)
-  docs = data.load_documents(c, "train")
+  lazy = data.load_documents(make_config(source, valid_fraction=0.0), "train")
+  assert (lazy.stats.num_documents, lazy.stats.empty_documents) == (4, 1)
+  assert any("caf\ufffd and \ufffd\ufffd bytes" in t for t in lazy.items)
+  # Read into memory (max_chars set), the replacements are counted: \xe9, \xff and \xfe are
+  # replaced; the real U+FFFD is not counted.
+  docs = data.load_documents(make_config(source, valid_fraction=0.0, max_chars=10**6), "train")
   assert (docs.stats.num_documents, docs.stats.empty_documents) == (4, 1)
-  # \xe9, \xff and \xfe are replaced; the real U+FFFD is not counted.
   assert (docs.stats.replaced_files, docs.stats.replaced_chars) == (1, 3)
-  assert any("caf\ufffd and \ufffd\ufffd bytes" in t for t in docs.items)
+  assert sorted(docs.items) == sorted(lazy.items)
 
 
 @pytest.mark.parametrize("source, error, match", [
@@ -335,10 +338,15 @@ def test_bad_inputs(tmp_path, record_source):
     data.load_documents(make_config(empty))
   bad_json = tmp_path / "bad.jsonl"
   bad_json.write_text('{"text": "fine"}\n{not json\n')
-  with pytest.raises(ValueError, match="bad.jsonl:2: invalid JSON"):
-    data.load_documents(make_config(f"jsonl:{bad_json}"))
-  with pytest.raises(ValueError, match="no string field 'body'"):
-    data.load_documents(make_config(f"jsonl:{bad_json}", jsonl_field="body"))
+  with pytest.raises(ValueError, match="bad.jsonl:2: invalid JSON"):  # read into memory
+    data.load_documents(make_config(f"jsonl:{bad_json}", max_chars=1000))
+  lazy = data.load_documents(make_config(f"jsonl:{bad_json}", valid_fraction=0.0))
+  with pytest.raises(ValueError, match="bad.jsonl:2: invalid JSON"):  # lazy: when read
+    list(lazy.items)
+  for max_chars in (0, 1000):  # a file's first record is checked when the source is opened
+    with pytest.raises(ValueError, match="no string field 'body'"):
+      data.load_documents(make_config(f"jsonl:{bad_json}", jsonl_field="body",
+                                      max_chars=max_chars))
   source, _ = record_source
   it = data.make_train_iterator(make_config(source, vocab_size=100), None, process_index=0,
                                 process_count=1)

@@ -19,7 +19,7 @@ import jax
 import numpy as np
 import pytest
 
-from dense_ssm import convert, export, hf_format, train
+from dense_ssm import convert, export, hf_format, init_from, train
 from dense_ssm.tokenizer import train_tokenizer
 from tests.helpers import tiny
 from tests.test_export import TEXT, make_workdir
@@ -83,21 +83,20 @@ def test_mamba_hf_export_loads_in_transformers(mamba_hf, tmp_path):
   assert os.path.exists(os.path.join(out, "tokenizer.model"))
   tokens = np.random.default_rng(1).integers(0, VOCAB, (2, 29))
   want = _logits(cfg, params, tokens)
-  # The untied variant, through the Python API.
-  ucfg = tiny("mamba", vocab_size=VOCAB, num_layers=2, norm_eps=1e-5, tie_embeddings=False)
+  hf = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+  assert type(hf).__name__ == "MambaForCausalLM"
+  with torch.no_grad():
+    got = hf.eval()(torch.as_tensor(tokens)).logits.numpy()
+  assert np.linalg.norm(got - want) / np.linalg.norm(want) <= 1e-4
+  # Back through the converter's table (the same table, read the other way): the same model
+  # and params, tied as here and untied (lm_head, written through the Python API).
+  ucfg = tiny("mamba", vocab_size=VOCAB, num_layers=2, tie_embeddings=False)
   uparams = _random_params(ucfg, seed=1)
   uout = hf_format.save_hf(export.Pretrained(ucfg, uparams), str(tmp_path / "untied"))
   for directory, c, p in ((out, cfg, params), (uout, ucfg, uparams)):
-    hf = transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
-    assert type(hf).__name__ == "MambaForCausalLM"
-    with torch.no_grad():
-      got = hf.eval()(torch.as_tensor(tokens)).logits.numpy()
-    ours = want if c is cfg else _logits(c, p, tokens)
-    assert np.linalg.norm(got - ours) / np.linalg.norm(ours) <= 1e-4
-  # And back through the converter's table: the same model, the same params.
-  back = convert.read("mamba-hf", out)
-  assert hf_format.first_difference(back.cfg, cfg) is None
-  np.testing.assert_array_equal(_logits(back.cfg, back.params, tokens), want)
+    back = convert.read("mamba-hf", directory)
+    assert hf_format.first_difference(back.cfg, c) is None
+    jax.tree.map(np.testing.assert_array_equal, back.params, p)
 
 
 def test_retnet_round_trip_through_the_original_layout(tmp_path, capsys, tokenizer):
@@ -116,8 +115,8 @@ def test_retnet_round_trip_through_the_original_layout(tmp_path, capsys, tokeniz
   pre = export.load_pretrained(str(tmp_path / "back"))
   assert pre.cfg.dense == cfg.dense and pre.tokenizer.vocab_size == VOCAB
   tokens = np.random.default_rng(2).integers(0, VOCAB, (2, 19))
-  np.testing.assert_array_equal(_logits(pre.cfg, pre.params, tokens),
-                                _logits(cfg, params, tokens))
+  assert hf_format.first_difference(pre.cfg, cfg) is None
+  np.testing.assert_array_equal(_logits(cfg, pre.params, tokens), _logits(cfg, params, tokens))
 
 
 def test_unsupported_families_are_one_line_errors(tmp_path, capsys):
@@ -141,31 +140,33 @@ def _run_config(**model):
 
 
 def test_init_from_starts_a_run_from_saved_params(mamba_hf, tmp_path, tokenizer):
-  # From a dense_ssm export (DenseRetNet, configs/default.py's family).
-  config = _run_config()
+  config = _run_config()  # configs/default.py's DenseRetNet, tiny
   cfg = train.validate_config(config)
   params = _random_params(cfg, seed=3)
   export.save_pretrained(export.Pretrained(cfg, params, tokenizer=tokenizer),
                          str(tmp_path / "exported"))
-  # ... and from the transformers Mamba directory (its config, in this run's config keys).
+  config.train.init_from = str(tmp_path / "exported")
+  work = str(tmp_path / "run")
+  trainer = train.Trainer(config, work)
+  try:
+    trainer.restore_or_init()
+    assert int(trainer.state["step"]) == 0
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(trainer.state["params"]), params)
+  finally:
+    trainer.close()
+  assert config.data.tokenizer == os.path.join(work, "tokenizer.model")  # copied for resumes
+  assert open(config.data.tokenizer, "rb").read() == tokenizer.model_proto
+  # A transformers Mamba directory reads with this run's config keys.
   mcfg, mparams, hf_dir = mamba_hf
   mconfig = _run_config(family="mamba", num_layers=2, hidden_size=mcfg.hidden_size,
                         state_dim=mcfg.state_dim, norm_eps=mcfg.norm_eps, tie_embeddings=True,
                         dense__layers=0)
-  for source, c, want in ((tmp_path / "exported", config, params), (hf_dir, mconfig, mparams)):
-    c.train.init_from = str(source)
-    work = str(tmp_path / f"run_{os.path.basename(source)}")
-    trainer = train.Trainer(c, work)
-    try:
-      trainer.restore_or_init()
-      got = jax.device_get(trainer.state["params"])
-    finally:
-      trainer.close()
-    jax.tree.map(np.testing.assert_array_equal, got, want)
-    assert c.data.tokenizer == os.path.join(work, "tokenizer.model")  # copied for resumes
-    assert open(c.data.tokenizer, "rb").read() == tokenizer.model_proto
+  flat = init_from.load_params(hf_dir, train.validate_config(mconfig))
+  jax.tree.map(np.testing.assert_array_equal, export.unflatten_params(flat), mparams)
   # A model config that does not match the saved one: one line naming the key.
   bad = _run_config(norm_eps=1e-5)
   bad.train.init_from = str(tmp_path / "exported")
   with pytest.raises(ValueError, match=r"norm_eps=1e-06 .*--config.model.norm_eps=1e-06"):
     train.Trainer(bad, str(tmp_path / "run_bad"))
+  with pytest.raises(ValueError, match="has no config.json"):
+    init_from.load_params(str(tmp_path / "run"), cfg)  # a training workdir, not a model
