@@ -27,8 +27,6 @@ from typing import Any
 
 import numpy as np
 
-_TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json")
-
 
 def load_params(path: str, cfg) -> dict[str, np.ndarray]:
   """{flat name: array} of the model saved in `path`, checked against the run's ModelConfig
@@ -69,27 +67,22 @@ def place(params: Any, flat: dict[str, np.ndarray]) -> Any:
   return jax.tree_util.tree_map_with_path(put, params)
 
 
-def tokenizer_file(path: str) -> str | None:
-  for name in _TOKENIZER_FILES:
-    if os.path.isfile(os.path.join(path, name)):
-      return os.path.join(path, name)
-  return None
-
-
 def adopt_tokenizer(config, workdir: str, fresh: bool) -> str | None:
   """Points an empty `config.data.tokenizer` at init_from's tokenizer (copied into `workdir`
   on a fresh start; a resumed run reuses that copy). Returns the console line to print."""
+  from dense_ssm import tokenizer  # pylint: disable=g-import-not-at-top
+
   path = config.train.init_from
   if not path or config.data.tokenizer:
     return None
-  src = tokenizer_file(path) if os.path.isdir(path) else None
+  src = tokenizer.find_file(path) if os.path.isdir(path) else None
   if fresh and src:
     local = os.path.join(workdir, os.path.basename(src))
     tmp = f"{local}.tmp-{socket.gethostname()}-{os.getpid()}"  # hosts may share the workdir
     shutil.copyfile(src, tmp)
     os.replace(tmp, local)
   else:
-    local = (None if fresh else tokenizer_file(workdir)) or src
+    local = (None if fresh else tokenizer.find_file(workdir)) or src
   if local is None:
     return (f"warning: config.train.init_from={path} has no tokenizer file and "
             "config.data.tokenizer is empty, so a new tokenizer is trained: its ids do not "
