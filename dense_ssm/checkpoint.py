@@ -3,7 +3,7 @@
 Layout of `<workdir>/checkpoints/<step>/`:
   state/   params, opt_state and step (tensorstore; restorable onto any mesh)
   data/    process_<i>-of-<n>.json, each host's data-iterator state
-  config/  the run's config as JSON (for humans and for `--config` reproduction)
+  config/  the run's config as JSON (for reading; `--config=<workdir>/config.py` takes it back)
 
 Saving is asynchronous (training continues while the arrays are written); a step
 directory only appears once complete, so a crash mid-save leaves the previous
@@ -238,7 +238,8 @@ class Checkpointer:
     if problem:
       raise IncompatibleCheckpointError(
           f"checkpoint {self.directory}/{step} does not fit config.model: {problem}; use a new "
-          f"--workdir or the checkpoint's own config ({self.directory}/{step}/config).")
+          f"--workdir or the run's own config "
+          f"(--config={os.path.dirname(self.directory.rstrip('/'))}/config.py).")
 
   def save(self, step: int, state: Any, data_state: Any, config_json: dict,
            force: bool = False) -> bool:

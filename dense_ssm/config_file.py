@@ -67,14 +67,13 @@ def to_python(config, path: str = "WORKDIR/config.py") -> str:
 
 
 def write(workdir: str, config) -> str:
-  """Writes `workdir/config.py` (local or gs://) whole, via a temporary file; returns its path."""
-  from etils import epath  # pylint: disable=g-import-not-at-top
+  """Writes `workdir/config.py` (local or gs://, published whole: dense_ssm/fs.py); returns its
+  path."""
+  from dense_ssm import fs  # pylint: disable=g-import-not-at-top
 
-  path = epath.Path(workdir) / "config.py"
-  tmp = epath.Path(workdir) / f".config.py.tmp-{os.getpid()}"
-  tmp.write_text(to_python(config, str(path)))
-  tmp.replace(path)
-  return str(path)
+  path = os.path.join(workdir, "config.py")
+  fs.write_text(path, to_python(config, path))
+  return path
 
 
 # ------------------------------------------------------------------------------ packaged names

@@ -40,6 +40,7 @@ are dropped (counted); text is decoded as UTF-8 with invalid bytes replaced (cou
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import gzip
 import hashlib
@@ -409,18 +410,24 @@ def prepare(source: str, tokenizer: str, out: str, *, field: str = "text", split
   else:
     ctx = multiprocessing.get_context("spawn")  # no forked copies of threads or tokenizers
     counters = tuple(ctx.Value("q", 0) for _ in range(3))
-    with ctx.Pool(min(workers, len(tasks)), _init_worker, (tok_bytes, tok.path, counters)) as pool:
-      pending = [pool.apply_async(_run_task, (t, out, field, split)) for t in tasks]
-      while True:
-        done = sum(p.ready() for p in pending)
-        bar.update(*(c.value for c in counters), done)
-        if done == len(pending):
-          break
-        for p in pending:
-          if p.ready() and not p.successful():
-            p.get()  # raises the worker's error
-        time.sleep(0.1)
-      results = [p.get() for p in pending]
+    with concurrent.futures.ProcessPoolExecutor(
+        min(workers, len(tasks)), mp_context=ctx, initializer=_init_worker,
+        initargs=(tok_bytes, tok.path, counters)) as pool:
+      pending = [pool.submit(_run_task, t, out, field, split) for t in tasks]
+      try:
+        while True:
+          finished, _ = concurrent.futures.wait(pending, timeout=0.2)
+          bar.update(*(c.value for c in counters), len(finished))
+          for future in finished:
+            if future.exception() is not None:
+              raise future.exception()  # the worker's error, e.g. a bad JSONL line
+          if len(finished) == len(pending):
+            break
+      except BaseException:
+        for future in pending:
+          future.cancel()
+        raise
+      results = [future.result() for future in pending]
   totals = {k: sum(r[k] for r in results)
             for k in ("documents", "tokens", "empty_documents", "replaced_chars")}
   bar.update(sum(t.units for t in tasks), totals["documents"], totals["tokens"], len(results),

@@ -91,5 +91,5 @@ def test_demo_notebooks_carry_their_figures(name):
   pngs = [base64.b64decode(o["data"]["image/png"])
           for c in load(name)["cells"] if c["cell_type"] == "code"
           for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
-  assert pngs, f"{name} has no plot in its outputs; execute it (see the notebook's first cell)"
+  assert pngs, f"{name} has no plot in its outputs; re-make its outputs (the command is in its first cell)"
   assert all(p.startswith(b"\x89PNG\r\n\x1a\n") and len(p) > 5_000 for p in pngs)
