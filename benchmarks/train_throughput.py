@@ -36,8 +36,6 @@ parallelism, about 1/n of it under fsdp).
 from __future__ import annotations
 
 import argparse
-import ast
-import importlib.util
 import json
 import os
 import statistics
@@ -54,7 +52,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_timing  # pylint: disable=g-import-not-at-top,wrong-import-position
 import profile_trace  # pylint: disable=g-import-not-at-top,wrong-import-position
-from dense_ssm import models, optim, sharding, train_log, train_step  # pylint: disable=wrong-import-position
+from dense_ssm import config_file, models, optim, sharding, train_log, train_step  # pylint: disable=wrong-import-position
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_CONFIGS = ("configs/retnet_1b3.py", "configs/retnet_1b3.py:gau", "configs/mamba_360m.py",
@@ -63,24 +61,8 @@ TINY_CONFIGS = ("configs/default.py", "configs/default.py:gau")
 
 
 def load_config(spec: str, sets: list[str]):
-  """`path[:arg]` -> get_config(arg), then KEY=VALUE overrides (values parsed as literals)."""
-  path, _, arg = spec.partition(":")
-  module_spec = importlib.util.spec_from_file_location("bench_config", os.path.join(REPO, path))
-  module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
-  config = module.get_config(arg or None)
-  for item in sets:
-    key, _, value = item.partition("=")
-    try:
-      value = ast.literal_eval(value)
-    except (ValueError, SyntaxError):
-      value = {"true": True, "false": False}.get(value.lower(), value)
-    *parents, leaf = key.split(".")
-    node = config
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return config
+  """`path[:arg]` (relative to the repository) -> get_config(arg), then KEY=VALUE overrides."""
+  return config_file.load(spec, sets, root=REPO)
 
 
 def random_batch(batch: int, seq: int, vocab: int, mesh) -> dict:

@@ -113,4 +113,30 @@ def resolve(value: str) -> str:
                    f"use a path or one of {', '.join(packaged_names())}")
 
 
-__all__ = ["packaged_dir", "packaged_names", "resolve", "to_python", "write"]
+def load(spec: str, overrides: list[str] = (), root: str = ""):
+  """The config of `spec` (`PATH[:VARIANT]` or a packaged name, PATH relative to `root`), then
+  each `KEY=VALUE` override (VALUE read as a Python literal, else true/false, else a string):
+  what scripts use to build a run's config the way the train CLI does."""
+  import ast  # pylint: disable=g-import-not-at-top
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  path, _, arg = resolve(spec).partition(":")
+  module_spec = importlib.util.spec_from_file_location("dense_ssm_config",
+                                                       os.path.join(root, path))
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  config = module.get_config(arg or None)
+  for item in overrides:
+    key, _, value = item.partition("=")
+    try:
+      value = ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+      value = {"true": True, "false": False}.get(value.lower(), value)
+    *parents, leaf = key.split(".")
+    node = config
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return config
+
+
+__all__ = ["load", "packaged_dir", "packaged_names", "resolve", "to_python", "write"]

@@ -19,9 +19,7 @@ everything to a seconds-long CPU smoke run (tests use it).
 from __future__ import annotations
 
 import argparse
-import ast
 import concurrent.futures
-import importlib.util
 import json
 import os
 import subprocess
@@ -41,24 +39,10 @@ TINY = ("model.num_layers=2", "model.hidden_size=64", "model.qk_dim=32", "model.
 
 
 def _config(model: str, sets: list[str]):
-  """The run config of `model` with KEY=VALUE overrides (values parsed as Python literals)."""
+  """The run config of `model` with KEY=VALUE overrides, as the train CLI builds it."""
   sys.path.insert(0, REPO)
-  spec = importlib.util.spec_from_file_location("repro_config", os.path.join(REPO, CONFIG))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config(model)
-  for item in sets:
-    key, _, value = item.partition("=")
-    try:
-      value = ast.literal_eval(value)
-    except (ValueError, SyntaxError):
-      value = {"true": True, "false": False}.get(value.lower(), value)
-    node = config
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return config
+  from dense_ssm import config_file  # pylint: disable=g-import-not-at-top
+  return config_file.load(f"{CONFIG}:{model}", sets, root=REPO)
 
 
 def train_tokenizer(out: str, sets: list[str]) -> str:
