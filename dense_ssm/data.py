@@ -334,28 +334,33 @@ def _line_index(path: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """(start, end, line number) of every non-blank line of a file, end excluding its newline:
   one streaming pass over the bytes (lines split at \\n, blank = ASCII whitespace only)."""
   starts, ends, numbers = [], [], []
-  offset, line_no, line_start, line_has_text = 0, 0, 0, False
+  offset, line_no, line_start, carried_text = 0, 0, 0, False
   with fs.open(path, "rb") as f:
     while chunk := f.read(_INDEX_CHUNK):
       b = np.frombuffer(chunk, np.uint8)
       nl = np.flatnonzero(b == 10)
-      text = np.concatenate([[0], np.cumsum(~_IS_SPACE[b], dtype=np.int64)])  # text[k]: in b[:k]
-      if len(nl):
-        local_start = np.concatenate([[0], nl[:-1] + 1])
-        has_text = text[nl] > text[local_start]
-        has_text[0] |= line_has_text
-        keep = np.flatnonzero(has_text)
-        line_starts = np.concatenate([[line_start], offset + nl[:-1] + 1])
-        starts.append(line_starts[keep])
-        ends.append(offset + nl[keep])
-        numbers.append(line_no + keep)
-        line_no += len(nl)
-        line_start = offset + int(nl[-1]) + 1
-        line_has_text = bool(text[-1] > text[nl[-1] + 1])
-      else:
-        line_has_text = line_has_text or bool(text[-1] > 0)
-      offset += len(b)
-  if line_has_text:  # the last line has no newline
+      if not len(nl):  # the line goes on
+        carried_text = carried_text or not chunk.isspace()
+        offset += len(chunk)
+        continue
+      local = np.concatenate([[0], nl[:-1] + 1])  # starts of the lines ending in this chunk
+      nonempty = local < nl
+      has_text = nonempty & ~_IS_SPACE[b[np.minimum(local, len(b) - 1)]]  # first byte: text
+      for k in np.flatnonzero(nonempty & ~has_text):  # begins with whitespace: read it all
+        has_text[k] = not chunk[local[k]:nl[k]].isspace()
+      has_text[0] |= carried_text
+      keep = np.flatnonzero(has_text)
+      line_starts = offset + local
+      line_starts[0] = line_start
+      starts.append(line_starts[keep])
+      ends.append(offset + nl[keep])
+      numbers.append(line_no + keep)
+      line_no += len(nl)
+      line_start = offset + int(nl[-1]) + 1
+      tail = chunk[int(nl[-1]) + 1:]
+      carried_text = bool(tail) and not tail.isspace()
+      offset += len(chunk)
+  if carried_text:  # the last line has no newline
     starts.append([line_start])
     ends.append([offset])
     numbers.append([line_no])
@@ -367,7 +372,7 @@ def _has_text(path: str) -> bool:
   """Whether a file holds anything but ASCII whitespace (reads only until it finds some)."""
   with fs.open(path, "rb") as f:
     while chunk := f.read(1 << 20):
-      if chunk.strip():
+      if not chunk.isspace():
         return True
   return False
 

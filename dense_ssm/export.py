@@ -296,7 +296,6 @@ def load_pretrained(directory: str, *, dtype: str | None = None) -> Pretrained:
     cfg = ModelConfig.from_dict(meta["model"])
   except (TypeError, ValueError) as e:
     raise ValueError(f"{config_path}: {e}") from None
-  check_architecture(meta, cfg, config_path)
   ids = {key: _meta_int(meta, key, default, config_path)
          for key, default in (("bos_id", 1), ("eos_id", 2), ("pad_id", 0))}
   if dtype:
@@ -315,6 +314,7 @@ def load_pretrained(directory: str, *, dtype: str | None = None) -> Pretrained:
     raise ValueError(f"{params_path} cannot be read ({first}): the file is damaged or "
                      "truncated; export the model again.") from None
   check_params(flat, cfg, directory)
+  check_architecture(meta, cfg, config_path)  # an edit that keeps every shape
   tokenizer = None
   from dense_ssm import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
   tok_path = tokenizer_lib.find_file(directory)

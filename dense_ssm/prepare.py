@@ -391,6 +391,9 @@ def prepare(source: str, tokenizer: str, out: str, *, field: str = "text", split
   if shard_mb <= 0:
     raise ValueError(f"--shard_mb={shard_mb} must be > 0")
   out = fs.abspath(out)
+  if not fs.isfile(tokenizer):
+    raise FileNotFoundError(f"--tokenizer={tokenizer} is not a file; give the SentencePiece "
+                            ".model or tokenizer.json to tokenize with")
   tok = tokenizer_lib.load_file(fs.expand(tokenizer))
   tok_bytes = tok.to_bytes()
   tasks = plan(source, field=field, split=split, shard_bytes=max(1, int(shard_mb * 2**20)))
@@ -470,7 +473,8 @@ def _define_flags(fv) -> None:
 
 
 def main(argv=None) -> int:
-  a, rest = cli.parse_flags("dense_ssm.prepare", __doc__.split("\n\n")[0], _define_flags, argv)
+  a, rest = cli.parse_flags("dense_ssm.prepare", __doc__.split("\n\nSources")[0], _define_flags,
+                            argv)
   with cli.user_errors("dense_ssm.prepare", a.traceback):
     if rest:
       raise ValueError(f"unexpected arguments {rest}; flags are --name=value")

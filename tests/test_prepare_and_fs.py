@@ -99,6 +99,10 @@ def test_tokenizer_text_data_export_and_metrics_on_memory_remote(memory_fs, tok)
   assert train.stats.num_bytes + valid.stats.num_bytes == sum(len(t.encode()) for t in TEXTS)
   loaded = data.load_tokenizer(c)
   assert loaded.model_proto == tok.model_proto
+  fs.write_text(f"{memory_fs}/j/part.jsonl", "".join(json.dumps({"text": t}) + "\n" for t in TEXTS))
+  jsonl = [data.load_documents(make_config(f"jsonl:{memory_fs}/j/*.jsonl"), s)
+           for s in ("train", "valid")]
+  assert sorted(list(jsonl[0].items) + list(jsonl[1].items)) == sorted(TEXTS)  # read lazily
   batch = next(data.make_train_iterator(c, loaded, seed=0, process_index=0, process_count=1))
   assert batch["inputs"].shape == (4, 16)
 
