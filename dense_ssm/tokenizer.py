@@ -353,26 +353,37 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, *, max_chars: int = 2
       raise
     limit = str(e).split("<=")[-1].strip(" .")
     raise ValueError(
-        f"tokenizer training text ({sum(map(len, sentences))} chars) supports at most {limit} "
-        f"pieces but vocab_size={vocab_size}; lower model.vocab_size (data.tokenizer_vocab_size), "
-        "raise data.tokenizer_train_chars, or give a trained data.tokenizer") from None
+        f"tokenizer training text ({sum(map(len, sentences))} chars{_binary_note(sentences)}) "
+        f"supports at most {limit} pieces but vocab_size={vocab_size}; lower model.vocab_size "
+        "(data.tokenizer_vocab_size), raise data.tokenizer_train_chars, or give a trained "
+        "data.tokenizer") from None
   return Tokenizer(model.getvalue(), path=path)
+
+
+def _char_counts(sentences: list[str]) -> collections.Counter:
+  counts = collections.Counter()
+  for s in sentences:
+    counts.update(s)
+  return counts
+
+
+def _binary_note(sentences: list[str], counts: collections.Counter | None = None) -> str:
+  """', N of them U+FFFD ...' when the text holds bytes that were not UTF-8 (or control
+  characters), else ''."""
+  counts = _char_counts(sentences) if counts is None else counts
+  replaced = counts.get("\ufffd", 0)
+  if not replaced and not any(ord(c) < 32 and c not in "\t\n\r\f" for c in counts):
+    return ""
+  return (f", {replaced:,} of its {sum(counts.values()):,} characters are U+FFFD (bytes that "
+          "are not UTF-8) or control characters: the data looks binary or not UTF-8")
 
 
 def _too_many_chars(sentences: list[str], vocab_size: int) -> str:
   """The message for text whose distinct characters do not fit `vocab_size` pieces."""
-  counts = collections.Counter()
-  for s in sentences:
-    counts.update(s)
-  total = sum(counts.values())
-  replaced = counts.get("\ufffd", 0)
-  why = ""
-  if replaced or any(ord(c) < 32 and c not in "\t\n\r" for c in counts):
-    why = (f" ({replaced:,} of its {total:,} characters are U+FFFD, i.e. bytes that are not "
-           "UTF-8, or control characters: the data looks binary)")
-  return (f"tokenizer training text has {len(counts):,} distinct characters, too many for "
-          f"vocab_size={vocab_size}{why}; point data.source at UTF-8 text, give a trained "
-          "data.tokenizer, or raise model.vocab_size")
+  counts = _char_counts(sentences)
+  return (f"tokenizer training text has {len(counts):,} distinct characters"
+          f"{_binary_note(sentences, counts)}; too many for vocab_size={vocab_size}: point "
+          "data.source at UTF-8 text, give a trained data.tokenizer, or raise model.vocab_size")
 
 
 class IncrementalDecoder:

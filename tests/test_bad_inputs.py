@@ -307,4 +307,4 @@ def test_streamed_generation_equals_non_streamed(exported):
   streamed = gen.generate(pre, "def f(x):", stream=lambda d: deltas.append(d[0]), block_size=7,
                           **kw)
   assert "".join(deltas) == streamed == gen.generate(pre, "def f(x):", **kw)
-  assert len(deltas) > 10
+  assert len(deltas) > 4  # first token, blocks of 7, 14, 28, ... tokens, the rest
