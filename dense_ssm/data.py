@@ -34,10 +34,10 @@ u(key) < data.valid_fraction, u = splitmix64(md5(relative path) + index) / 2^64,
 valid_fraction > 0, the document with the smallest u is moved to it. A stdlib / text / jsonl
 source of a single non-empty document (e.g. text: with one file) is first cut into about
 SINGLE_DOCUMENT_PIECES runs of whole lines, split in the same way (index = piece), so that
-neither split is empty. pysrc instead takes u
-from the document's content (the last 52 bits of its sha256; the order uses the whole digest), so
-the split is the same on every machine with the same files, wherever they are installed; with
-max_chars the cap applies in hash order, before the split.
+neither split is empty. pysrc instead takes u from the document's content (the last 52 bits of
+its sha256; the order uses the whole digest), so the split is the same on every machine with the
+same files, wherever they are installed; with max_chars the cap applies in hash order, before
+the split.
 
 Packing (grain ConcatThenSplit): each document becomes [BOS] ids [EOS] (data.add_bos/add_eos);
 documents are concatenated and cut into rows of seq_len + 1 tokens. A document longer than the

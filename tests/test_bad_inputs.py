@@ -131,11 +131,12 @@ def test_tokenizer_file_that_is_not_sentencepiece(tmp_path):
 def test_single_file_text_source_has_both_splits(tmp_path):
   path = tmp_path / "book.txt"
   path.write_text("".join(f"line {i} of the only document\n" for i in range(2000)))
-  config = train_testlib.tiny_config(data__source=f"text:{path}")
-  train_docs = data.load_documents(config, "train").items
-  valid_docs = data.load_documents(config, "valid").items
-  assert train_docs and valid_docs
-  assert sorted(train_docs + valid_docs) == sorted(data._cut_document(path.read_text(), 100))
+  for max_chars in (0, 400_000):  # read lazily / into memory
+    config = train_testlib.tiny_config(data__source=f"text:{path}", data__max_chars=max_chars)
+    train_docs = list(data.load_documents(config, "train").items)
+    valid_docs = list(data.load_documents(config, "valid").items)
+    assert train_docs and valid_docs
+    assert sorted(train_docs + valid_docs) == sorted(data._cut_document(path.read_text(), 100))
   assert "".join(data._cut_document(path.read_text(), 100)) == path.read_text()
 
 
