@@ -3,14 +3,14 @@
     with cli.user_errors("dense_ssm.export", args.traceback):
       ...   # a ValueError("...") here prints "dense_ssm.export: error: ..." and exits 1
 
-`--traceback` (argparse: `add_traceback_flag`) re-raises instead, for debugging. Ctrl-C
-(KeyboardInterrupt) prints `prog: interrupted` and exits 130. Every `python -m dense_ssm.X`
-entry point takes absl flags (`--name=value`, `--flag`/`--noflag`): train parses its global
-flags with `absl_flags_parser(prog)` and reads `--config` with `config_value`; the others
-define theirs on a private FlagValues with `parse_flags`; so flag and config-file errors are one
-line as well. (argparse serves the scripts in experiments/ and benchmarks/ and the exported
-serving loader, serve.py, which needs only jax and numpy; `python -m dense_ssm.harness` takes
-lm-eval's own arguments.)
+`--traceback` re-raises instead, for debugging. Ctrl-C (KeyboardInterrupt) prints
+`prog: interrupted` and exits 130. Every `python -m dense_ssm.X` entry point takes absl flags
+(`--name=value`, `--flag`/`--noflag`): train and summary parse their global flags with
+`absl_flags_parser(prog)` and read `--config` with `config_value`; the others define theirs on
+a private FlagValues with `parse_flags`; so flag and config-file errors are one line as well.
+(argparse serves the scripts in experiments/ and benchmarks/ and the exported serving loader,
+serve.py, which needs only jax and numpy; `python -m dense_ssm.harness` takes lm-eval's own
+arguments.)
 """
 
 from __future__ import annotations
@@ -23,10 +23,6 @@ import sys
 # Errors that mean "the input is wrong" (config, paths, files), never a bug of ours.
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError,
                PermissionError)
-
-
-def add_traceback_flag(parser) -> None:
-  parser.add_argument("--traceback", action="store_true", help="show tracebacks of errors")
 
 
 @contextlib.contextmanager

@@ -23,10 +23,7 @@ import json
 import math
 import os
 import re
-import shutil
 import sys
-import tempfile
-import textwrap
 import time
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
@@ -231,21 +228,6 @@ def _flag_values():
   return fv
 
 
-def usage() -> str:
-  """The --help text: the module's usage lines and every flag."""
-  fv = _flag_values()
-  lines = [__doc__.split("\n\nTraining's")[0].strip(), "", "flags:"]
-  for name in fv:
-    if name in ("flagfile", "undefok"):
-      continue
-    f = fv[name]
-    default = "" if f.default is None else f" (default: {f.default_as_str})"
-    lines += textwrap.wrap(f"--{name}: {f.help}{default}", 98, initial_indent="  ",
-                           subsequent_indent="      ")
-  lines.append("  --help: show this help and exit.")
-  return "\n".join(lines)
-
-
 def _check_flags(f) -> None:
   if bool(f.workdir) == bool(f.model):
     raise ValueError("give exactly one of --model=EXPORT_DIR and --workdir=DIR.")
@@ -272,24 +254,15 @@ def _slug(text: str) -> str:
 
 
 def _run_tasks(f, pre, tasks_out: str | None) -> dict:
-  """lm-evaluation-harness through dense_ssm/harness.py (lazily: it needs the eval extra)."""
-  from dense_ssm import export  # pylint: disable=g-import-not-at-top
-
-  model_dir, tmp = f.model, None
+  """lm-evaluation-harness through dense_ssm/harness.py (lazily: it needs the eval extra), on
+  the model as loaded here (so --dtype and --tokenizer apply to the tasks too)."""
   try:
-    if not model_dir:
-      tmp = model_dir = tempfile.mkdtemp(prefix="dense_ssm_eval_")
-      export.save_pretrained(pre, tmp)
-    try:
-      from dense_ssm import harness  # pylint: disable=g-import-not-at-top
-      return harness.run_tasks(model_dir, f.tasks, num_fewshot=f.num_fewshot,
-                               batch_size=f.batch_size, limit=f.limit, output_path=tasks_out)
-    except ImportError as e:
-      raise ValueError(f"--tasks needs lm-evaluation-harness and dense_ssm/harness.py ({e}); "
-                       "install the extra: pip install -e '.[eval]'.") from None
-  finally:
-    if tmp:
-      shutil.rmtree(tmp, ignore_errors=True)
+    from dense_ssm import harness  # pylint: disable=g-import-not-at-top
+    return harness.run_tasks(pre, f.tasks, num_fewshot=f.num_fewshot, batch_size=f.batch_size,
+                             limit=f.limit, output_path=tasks_out)
+  except ImportError as e:
+    raise ValueError(f"--tasks needs lm-evaluation-harness and dense_ssm/harness.py ({e}); "
+                     "install the extra: pip install -e '.[eval]'.") from None
 
 
 def run(f) -> dict[str, Any]:
@@ -334,29 +307,15 @@ def run(f) -> dict[str, Any]:
 
 def main(argv: Sequence[str] | None = None) -> int:
   """`python -m dense_ssm.evaluate`; bad input is one line on stderr and exit status 1."""
-  from absl import flags  # pylint: disable=g-import-not-at-top
-
-  argv = list(sys.argv[1:] if argv is None else argv)
-  if any(a in ("-h", "-help", "--help", "--helpshort", "--helpfull") for a in argv):
-    print(usage())
-    return 0
-  fv = _flag_values()
-  try:
-    rest = fv([PROG] + argv)
-  except flags.Error as e:
-    print(f"{PROG}: error: {e}", file=sys.stderr, flush=True)
-    raise SystemExit(1) from None
+  fv, rest = cli.parse_flags(PROG, __doc__.split("\n\nTraining's")[0], _define_flags, argv)
   with cli.user_errors(PROG, fv.traceback):
-    if len(rest) > 1:
-      raise ValueError(f"unexpected arguments {rest[1:]}; flags are --name=value.")
+    if rest:
+      raise ValueError(f"unexpected arguments {rest}; flags are --name=value.")
     from dense_ssm import export  # pylint: disable=g-import-not-at-top
     export.quiet_logs()
     run(fv)
   return 0
 
-
-__all__ = ["cross_entropy_sums", "forward_sums", "make_eval_step", "evaluate", "token_nll",
-           "evaluate_data", "load_eval_documents", "run_data_config", "main"]
 
 if __name__ == "__main__":
   sys.exit(main())

@@ -362,8 +362,8 @@ def register() -> None:
   model_class()
 
 
-def make_lm(pretrained: str, **kwargs):
-  """An instance of the model class: `make_lm(EXPORT_DIR, batch_size=16, max_length=4096)`."""
+def make_lm(pretrained, **kwargs):
+  """An instance of the model class: `make_lm(EXPORT_DIR_OR_PRETRAINED, batch_size=16)`."""
   return model_class()(pretrained=pretrained, **kwargs)
 
 
@@ -396,9 +396,12 @@ def _define_model_class(template_lm):
           print(f"dense_ssm model: ignoring model argument {k}={unused[k]!r}", file=sys.stderr)
       if isinstance(batch_size, str):
         batch_size = int(batch_size) if batch_size.isdigit() else 16  # "auto": the default
-      self.pre = export.load_any(os.fspath(pretrained), dtype=dtype)
+      if isinstance(pretrained, export.Pretrained):  # already loaded (python -m dense_ssm.evaluate)
+        self.pre = pretrained
+      else:
+        self.pre = export.load_any(os.fspath(pretrained), dtype=dtype)
       if self.pre.tokenizer is None:
-        raise ValueError(f"{pretrained} has no tokenizer.model; lm-eval scores text, so the "
+        raise ValueError(f"{self.pre.source} has no tokenizer file; lm-eval scores text, so the "
                          "export needs its tokenizer (export again, or convert with "
                          "--tokenizer=PATH).")
       self.scorer = Scorer(self.pre, rows=int(batch_size), max_length=max_length,
@@ -593,10 +596,11 @@ def _loadable(names: list[str], task_manager) -> list[str]:
   return ok
 
 
-def run_tasks(model_dir: str, tasks: str, *, num_fewshot: int | None = None,
+def run_tasks(model_dir, tasks: str, *, num_fewshot: int | None = None,
               batch_size: int = 16, limit: int | None = None, output_path: str | None = None,
               include_path: str | None = None) -> dict:
-  """Runs lm-eval tasks on an export directory (or training workdir); prints the table.
+  """Runs lm-eval tasks on an export directory, training workdir or loaded
+  `export.Pretrained`; prints the table.
 
   `tasks`: comma-separated lm-eval task names; "paper" expands to PAPER_TASKS (tasks whose data
   cannot be loaded are skipped with one line each). Returns lm-eval's results dict (per-task
@@ -623,10 +627,9 @@ def run_tasks(model_dir: str, tasks: str, *, num_fewshot: int | None = None,
   results["paper_avg"] = paper_average(results)
   print(format_table(results))
   if output_path:
-    parent = os.path.dirname(os.path.abspath(output_path))
-    os.makedirs(parent, exist_ok=True)
-    with open(output_path, "w") as f:
-      json.dump(results, f, indent=2, default=str)
+    from dense_ssm import fs  # pylint: disable=g-import-not-at-top
+    fs.makedirs(os.path.dirname(fs.abspath(output_path)))
+    fs.write_text(output_path, json.dumps(results, indent=2, default=str))
   return results
 
 

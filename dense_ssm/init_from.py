@@ -21,11 +21,11 @@ DIR is a dense_ssm export (`python -m dense_ssm.export` or `convert`), a transfo
 from __future__ import annotations
 
 import os
-import shutil
-import socket
 from typing import Any
 
 import numpy as np
+
+from dense_ssm import fs
 
 
 def load_params(path: str, cfg) -> dict[str, np.ndarray]:
@@ -75,12 +75,10 @@ def adopt_tokenizer(config, workdir: str, fresh: bool) -> str | None:
   path = config.train.init_from
   if not path or config.data.tokenizer:
     return None
-  src = tokenizer.find_file(path) if os.path.isdir(path) else None
+  src = tokenizer.find_file(path) if fs.isdir(path) else None
   if fresh and src:
     local = os.path.join(workdir, os.path.basename(src))
-    tmp = f"{local}.tmp-{socket.gethostname()}-{os.getpid()}"  # hosts may share the workdir
-    shutil.copyfile(src, tmp)
-    os.replace(tmp, local)
+    fs.write_bytes(local, fs.read_bytes(src))  # atomic: hosts may share the workdir
   else:
     local = (None if fresh else tokenizer.find_file(workdir)) or src
   if local is None:

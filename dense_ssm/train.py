@@ -40,6 +40,8 @@ from ml_collections import config_flags
 
 import dense_ssm
 from dense_ssm import cli
+from dense_ssm import config_file
+from dense_ssm import init_from
 from dense_ssm import workdir_lock
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file (configs/*.py).")
@@ -294,25 +296,32 @@ class Trainer:
     self.cfg = validate_config(config)
     self.workdir = check_workdir(workdir)
     self.lock = workdir_lock.acquire(self.workdir, jax.process_index())  # one writer per workdir
-    t = self.t
-    # Model, optimizer, mesh, jitted steps: nothing is allocated yet.
-    self.model = models.build_model(self.cfg)
-    tx, schedule = optim.make_optimizer(t)
-    self.mesh = sharding.make_mesh(config.mesh)
-    sharding.check_batch_divisible(t.batch_size, self.mesh, jax.process_count())
-    self.fns = train_step.build(self.model, tx, schedule, self.mesh, seq_len=config.data.seq_len,
-                                grad_accum=t.grad_accum, seed=t.seed)
-    # An existing checkpoint must fit the model before anything is written.
-    self.ckpt = checkpoint.Checkpointer(os.path.join(self.workdir, "checkpoints"),
-                                        keep_last=t.keep_last, keep_every=t.keep_every)
-    self.latest = self.ckpt.newest_intact_step(self.fns.abstract_state)  # damaged: set aside
-    _check_param_dtype(self.ckpt.directory, self.latest, self.fns.abstract_state)
-    from dense_ssm import init_from  # pylint: disable=g-import-not-at-top
-    self.init_params = init_from.prepare(config, self.cfg, self.workdir,  # fine-tuning start
-                                         fresh=self.latest is None, say=_say)
-    self.last_saved = self.latest
-    self.writer = None
-    self.pending: list[tuple[int, Any]] = []
+    self.ckpt = None
+    try:
+      t = self.t
+      # Model, optimizer, mesh, jitted steps: nothing is allocated yet.
+      self.model = models.build_model(self.cfg)
+      tx, schedule = optim.make_optimizer(t)
+      self.mesh = sharding.make_mesh(config.mesh)
+      sharding.check_batch_divisible(t.batch_size, self.mesh, jax.process_count())
+      self.fns = train_step.build(self.model, tx, schedule, self.mesh,
+                                  seq_len=config.data.seq_len, grad_accum=t.grad_accum,
+                                  seed=t.seed)
+      # An existing checkpoint must fit the model before anything is written.
+      self.ckpt = checkpoint.Checkpointer(os.path.join(self.workdir, "checkpoints"),
+                                          keep_last=t.keep_last, keep_every=t.keep_every)
+      self.latest = self.ckpt.newest_intact_step(self.fns.abstract_state)  # damaged: set aside
+      _check_param_dtype(self.ckpt.directory, self.latest, self.fns.abstract_state)
+      self.init_params = init_from.prepare(config, self.cfg, self.workdir,  # fine-tuning start
+                                           fresh=self.latest is None, say=_say)
+      self.last_saved = self.latest
+      self.writer = None
+      self.pending: list[tuple[int, Any]] = []
+    except BaseException:
+      if self.ckpt is not None:
+        self.ckpt.close()
+      self.lock.release()  # a run that never started leaves the workdir free
+      raise
 
   def load_data(self) -> None:
     import jax  # pylint: disable=g-import-not-at-top
@@ -330,7 +339,6 @@ class Trainer:
       _say("data: pysrc, every distinct *.py file of this interpreter (standard library and "
            "site-packages, no download); listing hashes each file once.")
     if jax.process_index() == 0:
-      from dense_ssm import config_file  # pylint: disable=g-import-not-at-top
       config_file.write(self.workdir, c)  # the resolved config, for --config=WORKDIR/config.py
     hosts = dict(process_index=jax.process_index(), process_count=jax.process_count())
     tokenizer = data.load_tokenizer(c, self.workdir)
@@ -347,7 +355,6 @@ class Trainer:
     if restored is None:
       self.state = self.fns.init(jax.random.key(self.t.seed))
       if self.init_params is not None:
-        from dense_ssm import init_from  # pylint: disable=g-import-not-at-top
         self.state["params"] = init_from.place(self.state["params"], self.init_params)
         self.init_params = None
         _say(f"initialised the params from {self.t.init_from}")
@@ -539,7 +546,6 @@ def _flat(d: dict, prefix: str = "") -> dict:
 def parse_flags(argv: list[str]) -> list[str]:
   """absl flag parsing whose errors (unknown config key, bad value) are one line, exit 1; a
   packaged config name given to --config becomes its file's path first."""
-  from dense_ssm import config_file  # pylint: disable=g-import-not-at-top
 
   argv = list(argv)
   try:
@@ -569,7 +575,6 @@ def main(argv):
   with cli.user_errors("dense_ssm.train", _TRACEBACK.value, extra=(TrainingError,)):
     config = _load_config()
     if _PRINT_CONFIG.value:
-      from dense_ssm import config_file  # pylint: disable=g-import-not-at-top
 
       validate_config(config)
       warning = resolve_data_source(config)  # as the run would (its warning goes to stderr)

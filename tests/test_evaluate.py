@@ -16,6 +16,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 import pytest
+from absl import flags
 
 import dense_ssm
 from dense_ssm import evaluate
@@ -202,8 +203,8 @@ def test_tasks_delegate_to_the_harness(setup, monkeypatch, capsys):
   model_dir, _, root = setup
   calls = []
 
-  def run_tasks(model_dir, tasks, *, num_fewshot, batch_size, limit, output_path):
-    calls.append((model_dir, tasks, num_fewshot, batch_size, limit, output_path))
+  def run_tasks(pre, tasks, *, num_fewshot, batch_size, limit, output_path):
+    calls.append((pre.source, tasks, num_fewshot, batch_size, limit, output_path))
     return {"results": {}}
 
   fake = types.ModuleType("dense_ssm.harness")
@@ -222,8 +223,8 @@ def test_workdir_and_tasks_from_a_workdir(setup, monkeypatch, tmp_path):
   work = make_workdir(tmp_path / "run", pre.cfg, pre.params, pre.tokenizer)
   seen = []
 
-  def run_tasks(model_dir, tasks, **kw):
-    seen.append((export.load_pretrained(model_dir).cfg, tasks, kw["output_path"]))
+  def run_tasks(loaded, tasks, **kw):
+    seen.append((loaded.cfg, tasks, kw["output_path"]))
     return {}
 
   fake = types.ModuleType("dense_ssm.harness")
@@ -270,7 +271,9 @@ def test_help_documents_every_flag():
                      capture_output=True, text=True, timeout=120,
                      env={**os.environ, "JAX_PLATFORMS": "cpu"})
   assert r.returncode == 0, r.stderr
-  names = [n for n in evaluate._flag_values() if n not in ("flagfile", "undefok")]
+  fv = flags.FlagValues()
+  evaluate._define_flags(fv)
+  names = [n for n in fv if n not in ("flagfile", "undefok")]
   assert len(names) >= 18
   for name in names:
     assert re.search(rf"^  --{name}: \S", r.stdout, re.M), name
