@@ -11,7 +11,7 @@ from dense_ssm import config_lib
 
 
 def get_config(arg=None):
-  variant = config_lib._parse_variant(  # pylint: disable=protected-access
+  variant = config_lib.parse_variant(
       arg, {"dense_retnet", "gau", "retnet_ffn", "mamba", "dense_mamba", "transformer"},
       "dense_retnet")
   c = config_lib.base_config()

@@ -22,7 +22,7 @@ PAIRS = 32
 
 
 def get_config(arg=None):
-  variant = config_lib._parse_variant(arg, set(VARIANTS), "dense_retnet")  # pylint: disable=protected-access
+  variant = config_lib.parse_variant(arg, set(VARIANTS), "dense_retnet")
   c = config_lib.base_config()
   common = dict(vocab_size=VOCAB, num_layers=2, num_heads=2, chunk_size=64, max_len=SEQ_LEN)
   if variant in ("dense_retnet", "gau"):

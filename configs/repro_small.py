@@ -18,7 +18,7 @@ VARIANTS = ("dense_retnet", "gau", "dense_mamba", "mamba")
 
 
 def get_config(arg=None):
-  variant = config_lib._parse_variant(arg, set(VARIANTS), "dense_retnet")  # pylint: disable=protected-access
+  variant = config_lib.parse_variant(arg, set(VARIANTS), "dense_retnet")
   c = config_lib.base_config()
   shared = dict(vocab_size=8192, hidden_size=512, dropout=0.0, max_len=2048, dtype="bfloat16",
                 param_dtype="float32", init_std=0.02, chunk_size=64, impl="auto",

@@ -1,4 +1,5 @@
-"""DenseRetNet-1.3B (docs/model.md). Variants: dense (default) | gau | ffn | released.
+"""DenseRetNet-1.3B (docs/model.md). Variants: dense (default) | gau | ffn | released, and the
+ablation variants of docs/ablations.md (none, id_linear, m4, concat, every2, ...).
 
   python -m dense_ssm.train --config=configs/retnet_1b3.py            # DenseRetNet
   python -m dense_ssm.train --config=configs/retnet_1b3.py:gau        # m = 0 GAU RetNet baseline

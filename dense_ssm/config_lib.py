@@ -97,8 +97,9 @@ def check_model_config(c: ml_collections.ConfigDict) -> ModelConfig:
   return ModelConfig.from_dict(c.model.to_dict())
 
 
-__all__ = ["base_config", "model_defaults", "model_dict", "check_model_config", "retnet_model",
-           "mamba_model", "retnet_config", "mamba_config", "transformer_config"]
+__all__ = ["base_config", "model_defaults", "model_dict", "check_model_config", "parse_variant",
+           "matched_gate_width", "retnet_model", "mamba_model", "retnet_config", "mamba_config",
+           "transformer_config"]
 
 
 # --- Paper models (docs/model.md). Each configs/*.py file picks one row and a variant. ---
@@ -147,7 +148,7 @@ def paper_model(d: dict, *, dropout: float) -> dict:
   return d
 
 
-def _parse_variant(arg, allowed, default):
+def parse_variant(arg, allowed, default):
   variant = (arg or default).strip()
   if variant not in allowed:
     raise ValueError(f"config variant {variant!r} is unknown; use one of {sorted(allowed)} "
@@ -222,7 +223,7 @@ def retnet_config(size: str, arg: str | None = None) -> ml_collections.ConfigDic
   """Variants: dense (DenseRetNet, m=2, the reference code's r_k = r_v = 32), gau (the m=0 GAU
   baseline), ffn (RetNet with FFN), released (the released checkpoints' (r_k, r_v): (8, 32) at
   350M, (16, 8) at 1.3B), and the paper's ablations, RETNET_ABLATIONS (docs/ablations.md)."""
-  variant = _parse_variant(arg, set(RETNET_VARIANTS), "dense")
+  variant = parse_variant(arg, set(RETNET_VARIANTS), "dense")
   c = base_config()
   c.model = model_defaults(**retnet_model(size, variant))
   return paper_recipe(c, lr=6e-4, b2=0.98)
@@ -231,7 +232,7 @@ def retnet_config(size: str, arg: str | None = None) -> ml_collections.ConfigDic
 def mamba_config(size: str, arg: str | None = None) -> ml_collections.ConfigDict:
   """Variants: dense (DenseMamba, input-level fusion of x and B, m=4), plain (Mamba),
   state (DenseMamba with the literal state-level readout)."""
-  variant = _parse_variant(arg, {"dense", "plain", "state"}, "dense")
+  variant = parse_variant(arg, {"dense", "plain", "state"}, "dense")
   c = base_config()
   c.model = model_defaults(**mamba_model(size, variant))
   return paper_recipe(c, lr=3e-4 if size == "360m" else 2e-4, b2=0.95)

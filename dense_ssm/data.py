@@ -640,7 +640,7 @@ def load_tokenizer(config, workdir: str | None = None) -> Tokenizer:
       docs = load_documents(config, "train")
       if docs.pretokenized:
         raise ValueError(f"data.source={d.source!r} is pre-tokenized; set data.tokenizer to the "
-                         "SentencePiece .model that made it")
+                         "tokenizer file (.model or tokenizer.json) that made it")
       order = np.random.default_rng(0).permutation(len(docs.items))
       tokenizer = train_tokenizer((docs.items[i] for i in order), wanted,
                                   max_chars=d.tokenizer_train_chars, path=path)

@@ -152,7 +152,7 @@ def hf_files(pre, dtype: str | None = None) -> tuple[str, dict[str, Any], dict[s
 
 
 def write_hf(pre, out: str, *, dtype: str | None = None, where: str | None = None) -> str:
-  """Writes config.json, model.safetensors (and tokenizer.model) of `pre` in its ecosystem's
+  """Writes config.json, model.safetensors (and its tokenizer file) of `pre` in its ecosystem's
   layout into the existing, empty directory `out`; returns `out`."""
   from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
 

@@ -58,7 +58,7 @@ class MqarSpec:
     return self.queries or self.pairs
 
 
-_KNOBS = {f.name: f.type for f in dataclasses.fields(MqarSpec)}
+_KNOBS = tuple(f.name for f in dataclasses.fields(MqarSpec))
 
 
 def parse_spec(source: str) -> MqarSpec:

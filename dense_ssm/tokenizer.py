@@ -139,8 +139,8 @@ def load_file(path: str) -> "Tokenizer | HFTokenizer":
     data = fs.read_bytes(path)
   except FileNotFoundError:
     raise FileNotFoundError(
-        f"tokenizer file {path!r} does not exist; fix data.tokenizer or set it to '' to "
-        "train one") from None
+        f"tokenizer file {path!r} does not exist; fix the path (for training, "
+        "data.tokenizer='' trains a new one)") from None
   if path.endswith(".json") or data.lstrip()[:1] == b"{":
     return HFTokenizer(data, path=path)
   return Tokenizer(data, path=path)

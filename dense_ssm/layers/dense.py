@@ -80,10 +80,8 @@ class DenseFusion(nn.Module):
                                 ("concat_merge", self.concat_merge, CONCAT_MERGES)):
       if value not in allowed:
         raise ValueError(f"dense.{key}={value!r} is unknown; use one of {', '.join(allowed)}.")
-    n_gates = self.num_sources if self.gates == "per_source" else 1
-
     def gate_layers(make):
-      return [make() for _ in range(n_gates)] if self.gates == "per_source" else make()
+      return [make() for _ in range(self.num_sources)] if self.gates == "per_source" else make()
 
     if self.select == "mlp":
       self.fc1 = gate_layers(lambda: Linear(self.width_hidden, ("embed", "lowrank"), **kw))

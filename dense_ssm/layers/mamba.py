@@ -30,6 +30,7 @@ import numpy as np
 from dense_ssm import ops
 from dense_ssm.layers.common import Linear, batch_mesh_axes, constrain, dtype_of, uniform_init
 from dense_ssm.layers.dense import DenseFusion, fusion_options, owns_fusion
+from dense_ssm.layers.dense import fuses as dense_fuses
 
 
 def _dt_bias_init(key, shape, dtype=jnp.float32, dt_min=1e-3, dt_max=0.1):
@@ -107,8 +108,7 @@ class MambaMixer(nn.Module):
 
   @property
   def fuses(self) -> bool:
-    d = self.cfg.dense
-    return d.layers > 0 and self.layer_idx >= 1 and self.layer_idx % d.every == 0
+    return dense_fuses(self.cfg.dense, self.layer_idx)
 
   def _conv(self, x, segment_ids, conv_state, decode):
     w, b = self.conv_w.astype(x.dtype), self.conv_b.astype(x.dtype)
