@@ -221,7 +221,8 @@ def test_state_level_mamba_rejects_options_it_cannot_apply():
 
 @pytest.mark.parametrize("value", [dict(every=0), dict(gate_width_k=-1), dict(gates="each")])
 def test_bad_new_dense_values_are_clear_errors(value):
-  with pytest.raises(ValueError, match="dense."):
+  (key,) = value
+  with pytest.raises(ValueError, match=rf"dense\.{key}"):
     init(tiny("dense_retnet", dense=DenseConfig(layers=2, **value)))
 
 
